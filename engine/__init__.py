@@ -1,0 +1,1 @@
+"""Thin training engine for self-supervised visual pre-training (HPM, MAE, ...)."""

@@ -1,0 +1,23 @@
+"""Fast, drop-in ops for self-supervised visual pre-training.
+
+Every op has a pure-PyTorch reference (the truth and the CPU path) and faster
+backends chosen by ``backend="auto"`` (see ``kernels._backend``). Nothing here touches
+CUDA at import time.
+"""
+from ._backend import BACKENDS, get_backend, set_backend, use_backend
+from ._validate import set_index_checks
+from .embed_visible_patches import embed_visible_patches
+from .gather_tokens import gather_tokens
+from .hard_patch_masking import hard_patch_masking
+from .masking import Masking, random_masking
+from .patch_loss import patch_loss
+from .patchify import patchify, unpatchify
+from .relative_loss import relative_loss
+from .scatter_tokens import scatter_tokens
+
+__all__ = [
+    "BACKENDS", "get_backend", "set_backend", "use_backend", "set_index_checks",
+    "Masking", "random_masking", "hard_patch_masking",
+    "gather_tokens", "scatter_tokens", "patchify", "unpatchify", "embed_visible_patches",
+    "patch_loss", "relative_loss",
+]
