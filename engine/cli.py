@@ -1,0 +1,111 @@
+"""Command line: ``python -m engine pretrain CONFIG``, ``resume RUN_DIR``, ``probe RUN_DIR``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  python -m engine pretrain hpm_digits                       # the default demo (what `make pretrain` runs)
+  python -m engine pretrain configs/mae_digits.toml --set train.epochs=5 --set optim.blr=1e-3
+  python -m engine pretrain hpm_vit_base_800ep --set data.name=folder --set data.path=/data/imagenet
+  python -m engine resume runs/hpm-digits-20261123-101500    # continue after the last complete epoch
+  python -m engine probe runs/hpm-digits-20261123-101500     # linear probe + kNN vs a random encoder
+
+CONFIG is a TOML file or the name of a preset in configs/. Every field can be overridden
+with --set section.key=value (sections: model, objective, data, optim, train); values are
+TOML literals: 1e-3, true, [0.5, 1.0], "text".
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Self-supervised visual pre-training "
+                                     "(HPM, MAE) on the CPU or GPUs.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="pre-train from a config", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="TOML file or preset name in configs/")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=10 (repeatable)")
+    p.add_argument("--run-dir", type=Path, help="run folder (default: train.out_dir/<objective>-<data>-<time>)")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    r = sub.add_parser("resume", help="continue a run from its last complete checkpoint")
+    r.add_argument("run_dir", type=Path)
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's saved config (e.g. train.epochs)")
+    r.add_argument("--quiet", action="store_true")
+    q = sub.add_parser("probe", help="linear probe and kNN of a run's encoder vs a random encoder")
+    q.add_argument("run_dir", type=Path)
+    sub.add_parser("presets", help="list the presets in configs/")
+    return parser
+
+
+def _print_result(result) -> None:
+    print()
+    if result.probe:
+        p = result.probe
+        print(f"linear probe on {p['val_images']} held-out images:  pre-trained {100 * p['linear_pretrained']:.1f}%"
+              f"   random encoder {100 * p['linear_random']:.1f}%")
+        print(f"kNN (k=20):                          pre-trained {100 * p['knn_pretrained']:.1f}%"
+              f"   random encoder {100 * p['knn_random']:.1f}%")
+    print(f"final training loss {result.final_loss:.4f}")
+    print(f"run folder: {result.run_dir}  (config.toml, metrics.jsonl, checkpoints/, pictures/, probe.json)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from engine.config import CONFIG_DIR, ConfigError, load_config
+
+    try:
+        if args.command == "presets":
+            for path in sorted(CONFIG_DIR.glob("*.toml")):
+                print(path.stem)
+            return 0
+        if args.command == "probe":
+            return _probe(args.run_dir)
+        from engine.train import pretrain
+
+        if args.command == "resume":
+            config_file = args.run_dir / "config.toml"
+            if not config_file.is_file():
+                raise ConfigError(f"{args.run_dir} is not a run folder (no config.toml)")
+            cfg = load_config(config_file, args.overrides)
+            result = pretrain(cfg, run_dir=args.run_dir, resume=True, show_progress=not args.quiet)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            result = pretrain(cfg, run_dir=args.run_dir, show_progress=not args.quiet)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _print_result(result)
+    return 0
+
+
+def _probe(run_dir: Path) -> int:
+    import torch
+
+    from engine.checkpoint import latest_checkpoint, load_checkpoint
+    from engine.config import ConfigError, load_config
+    from engine.objectives import build_objective
+    from engine.probe import run_probe
+    from engine.train import resolve_device
+
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg = load_config(run_dir / "config.toml")
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    device = resolve_device(cfg.train.device)
+    objective = build_objective(cfg)
+    objective.load_state_dict(load_checkpoint(path)["objective"])
+    with torch.no_grad():
+        result = run_probe(cfg, objective.to(device).encoder, device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Vision Transformer encoder as MAE builds it (timm 0.3.2 pre-norm blocks).
+
+The encoder runs on the visible tokens only: ``kernels.embed_visible_patches`` embeds
+just those patches straight from the image, instead of embedding all of them and
+discarding 75% as the official code does.
+"""
+from __future__ import annotations
+
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
+    """MAE's fixed 2-D sin-cos embedding, [1, (1 +) grid*grid, dim].
+
+    The first half of the channels encodes the column index, the second half the row
+    (``meshgrid(grid_w, grid_h)`` in MAE's ``util/pos_embed.py``); the cls entry is zero.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega.reshape(1, -1)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(cols), encode(rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float().unsqueeze(0)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # each [B, H, N, Dh]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's init: xavier-uniform Linear weights with zero bias, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder; ``forward(imgs, ids_keep)`` returns [B, 1 + K, D] (cls first), normalised."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.embed_dim = embed_dim
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid))  # frozen, as in MAE
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        init_mae_weights(self)
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with position embedding: all of them, or only ``ids_keep``'s."""
+        pos = self.pos_embed[:, 1:]
+        if ids_keep is None:
+            x = self.patch_embed(imgs).flatten(2).transpose(1, 2)
+            return x + pos.to(x.dtype)
+        return kernels.embed_visible_patches(imgs, ids_keep, self.patch_embed.weight, self.patch_embed.bias,
+                                             pos, self.patch_size)
+
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.embed(imgs, ids_keep)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def features(self, imgs: torch.Tensor, pool: str = "mean") -> torch.Tensor:
+        """[B, D] image features for probes: mean of the patch tokens, or the cls token."""
+        tokens = self.forward(imgs)
+        return tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]
+
+
+def flops_per_token_block(dim: int, mlp_ratio: float, tokens: int) -> float:
+    """Forward FLOPs of one block per token: 2 * (4 D^2 + 2 r D^2) + attention 4 N D."""
+    return 2 * (4 + 2 * mlp_ratio) * dim * dim + 4 * tokens * dim
+
+
+def encoder_flops(dim: int, depth: int, mlp_ratio: float, tokens: int, patch_dim: int, patches: int) -> float:
+    """Forward FLOPs per image of the encoder on ``tokens`` tokens (embedding ``patches``)."""
+    return depth * tokens * flops_per_token_block(dim, mlp_ratio, tokens) + 2 * patches * patch_dim * dim
+
+
+__all__ = ["VisionTransformer", "Block", "sincos_pos_embed", "init_mae_weights", "encoder_flops",
+           "flops_per_token_block"]

@@ -1,0 +1,41 @@
+"""AdamW with MAE's weight-decay rules and its per-iteration warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """timm 0.3.2 ``add_weight_decay``: no decay for 1-D params and biases; frozen params
+    skipped. The 1x1xD cls and mask tokens are 3-D and so *are* decayed, as in MAE."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=lr, betas=tuple(optim_cfg.betas))
+
+
+def base_lr(optim_cfg, effective_batch: int) -> float:
+    """``lr = blr * effective_batch / 256`` unless an absolute lr is given."""
+    return optim_cfg.lr if optim_cfg.lr is not None else optim_cfg.blr * effective_batch / 256
+
+
+def lr_at(epoch_float: float, lr: float, min_lr: float, warmup_epochs: float, total_epochs: int) -> float:
+    """MAE's ``adjust_learning_rate``: linear warmup from 0, then half-cycle cosine to min_lr."""
+    if epoch_float < warmup_epochs:
+        return lr * epoch_float / warmup_epochs
+    span = max(total_epochs - warmup_epochs, 1e-8)
+    progress = min((epoch_float - warmup_epochs) / span, 1.0)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
