@@ -42,14 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+PROBE_ROWS = (("linear probe, cls token", "linear_cls"), ("linear probe, mean of patch tokens", "linear_mean"),
+              ("kNN (k=20), cls token", "knn_cls"), ("kNN (k=20), mean of patch tokens", "knn_mean"))
+
+
+def format_probe(p: dict) -> str:
+    lines = [f"{'held-out accuracy (' + str(p['val_images']) + ' images)':<36}{'pre-trained':>12}{'random init':>13}"]
+    for title, key in PROBE_ROWS:
+        lines.append(f"{title:<36}{100 * p[key + '_pretrained']:>11.1f}%{100 * p[key + '_random']:>12.1f}%")
+    return "\n".join(lines)
+
+
 def _print_result(result) -> None:
     print()
     if result.probe:
-        p = result.probe
-        print(f"linear probe on {p['val_images']} held-out images:  pre-trained {100 * p['linear_pretrained']:.1f}%"
-              f"   random encoder {100 * p['linear_random']:.1f}%")
-        print(f"kNN (k=20):                          pre-trained {100 * p['knn_pretrained']:.1f}%"
-              f"   random encoder {100 * p['knn_random']:.1f}%")
+        print(format_probe(result.probe))
     print(f"final training loss {result.final_loss:.4f}")
     print(f"run folder: {result.run_dir}  (config.toml, metrics.jsonl, checkpoints/, pictures/, probe.json)")
 
@@ -103,7 +110,8 @@ def _probe(run_dir: Path) -> int:
     objective.load_state_dict(load_checkpoint(path)["objective"])
     with torch.no_grad():
         result = run_probe(cfg, objective.to(device).encoder, device)
-    print(json.dumps(result, indent=2))
+    (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
+    print(format_probe(result))
     return 0
 
 

@@ -13,11 +13,14 @@ def probe_encoder(encoder, data, device) -> dict:
     train_x, train_y, val_x, val_y = data
     was_training = encoder.training
     encoder.eval()
-    feats = [extract_features(lambda x: encoder.features(x.float()), imgs, batch_size=256, device=device)
-             for imgs in (train_x, val_x)]
+    result = {}
+    for pool in ("cls", "mean"):
+        train_f, val_f = (extract_features(lambda x: encoder.features(x.float(), pool=pool), imgs, batch_size=256,
+                                           device=device) for imgs in (train_x, val_x))
+        result[f"linear_{pool}"] = linear_probe(train_f, train_y, val_f, val_y)
+        result[f"knn_{pool}"] = knn_accuracy(train_f, train_y, val_f, val_y)
     encoder.train(was_training)
-    return {"linear": linear_probe(feats[0], train_y, feats[1], val_y),
-            "knn": knn_accuracy(feats[0], train_y, feats[1], val_y)}
+    return result
 
 
 def run_probe(cfg: Config, encoder, device) -> dict:
@@ -31,6 +34,5 @@ def run_probe(cfg: Config, encoder, device) -> dict:
         random_encoder = MaskedAutoencoder(cfg.model).encoder.to(device)
     pretrained = probe_encoder(encoder, data, device)
     random = probe_encoder(random_encoder, data, device)
-    return {"linear_pretrained": pretrained["linear"], "linear_random": random["linear"],
-            "knn_pretrained": pretrained["knn"], "knn_random": random["knn"],
-            "train_images": len(data[0]), "val_images": len(data[2])}
+    out = {f"{k}_{who}": v for who, res in (("pretrained", pretrained), ("random", random)) for k, v in res.items()}
+    return {**out, "train_images": len(data[0]), "val_images": len(data[2])}

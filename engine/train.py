@@ -17,6 +17,7 @@ from engine import viz
 from engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from engine.config import Config, to_toml
 from engine.data import build_eval_data, build_train_data
+from engine.data.loader import derive_seed
 from engine.objectives import StepContext, build_objective
 from engine.optim import base_lr, build_optimizer, lr_at, set_lr
 from engine.probe import run_probe
@@ -24,7 +25,6 @@ from engine.progress import Progress, format_duration
 
 # dense bf16 tensor-core peaks (TFLOP/s) for MFU; other devices report achieved FLOP/s only
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
-_MIX = 0x9E3779B97F4A7C15
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,10 +46,7 @@ def autocast(device: torch.device, precision: str):
 def step_generator(seed: int, epoch: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The random stream of one step, a function of (seed, epoch, step, rank) alone, so a
     resumed run draws exactly the masks the uninterrupted run would have."""
-    value = seed
-    for part in (epoch, step, rank):
-        value = (value * _MIX + part + 1) % (1 << 63)
-    return torch.Generator(device=device).manual_seed(value)
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, epoch, step, rank, 1))
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -222,11 +219,11 @@ class Trainer:
         recon = viz_reconstruction(out["imgs"], out["pred"], m.patch_size, self.cfg.objective.norm_pix)
         pictures = self.run_dir / "pictures"
         viz.save_reconstructions(pictures / f"recon_epoch{epoch + 1:04d}.png", out["imgs"].float().cpu(),
-                                 out["mask"].cpu(), recon.cpu(), m.patch_size)
+                                 out["mask"].cpu(), recon.cpu(), m.patch_size, mean=self.data.mean, std=self.data.std)
         if "pred_score" in out:
             viz.save_hpm_panel(pictures / f"hpm_epoch{epoch + 1:04d}.png", out["imgs"].float().cpu(),
                                out["mask"].cpu(), out["pred_score"].float().cpu(), out["true_loss"].float().cpu(),
-                               recon.cpu(), m.patch_size)
+                               recon.cpu(), m.patch_size, mean=self.data.mean, std=self.data.std)
         metrics = out["metrics"]
         self.log({"type": "eval", "epoch": epoch, **metrics})
         self.progress.message(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

@@ -1,0 +1,180 @@
+"""An image folder data set (class subfolders) with MAE's train transform and a standard eval transform.
+
+Layout: `root/<class>/**/<image>`; the label is the index of `<class>` among the sorted class folders. A root
+holding its images directly (and no class folders with images) is one class, label 0.
+
+Robustness: PIL decodes lazily, so the full decode is forced inside the `try`. A file that fails to decode is
+skipped (the next index is used instead), counted in `num_skipped` and warned about once; 20 bad files in a row
+raise, since that means a broken data set rather than a few bad files. With DataLoader workers the count
+lives in the worker processes' copies of the data set.
+
+Determinism: each sample's crop and flip come from a numpy generator seeded with (seed, epoch, index): call
+`set_epoch` before each epoch (before a DataLoader iterator is created, as workers copy the data set), or use
+`sample(index, epoch)`. A resumed run then sees the same crops.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Grayscale has no agreed statistics; 0.5/0.5 maps [0, 1] to [-1, 1].
+GRAY_MEAN = (0.5,)
+GRAY_STD = (0.5,)
+MAX_CONSECUTIVE_FAILURES = 20
+EVAL_RESIZE_RATIO = 8 / 7  # resize the shorter side to 256 for a 224 crop, as the usual ImageNet evaluation
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if _is_image(f))
+    return found
+
+
+def find_samples(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Scan `root`; return (class names, [(path, label)]). `classes` fixes the names/labels (e.g. a val split)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    per_class = {name: _images_under(root / name) for name in subdirs}
+    per_class = {name: files for name, files in per_class.items() if files}
+    direct = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p.name))
+    if per_class:
+        if direct:
+            warnings.warn(f"{root}: {len(direct)} images directly in the root are ignored, "
+                          f"the class folders {sorted(per_class)} are used", stacklevel=3)
+        names = sorted(per_class) if classes is None else list(classes)
+        unknown = sorted(set(per_class) - set(names))
+        if unknown:
+            raise ValueError(f"{root}: class folders {unknown} are not among the expected classes {names}")
+        samples = [(path, names.index(name)) for name in sorted(per_class) for path in per_class[name]]
+        return names, samples
+    if direct:
+        return ([root.name] if classes is None else list(classes)), [(p, 0) for p in direct]
+    raise ValueError(f"no images found in {str(root)!r} (looked for extensions {', '.join(IMG_EXTENSIONS)}, "
+                     f"any case, directly or in class subfolders)")
+
+
+def random_resized_crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, h, w)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        h, w = height, width
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images of `root` as (tensor [C, img_size, img_size] float32 normalised, label int).
+
+    Args:
+        root: folder with one subfolder per class (or the images directly).
+        img_size: output side in pixels.
+        channels: 3 (RGB, ImageNet mean/std) or 1 (grayscale, mean 0.5, std 0.5).
+        train: MAE's RandomResizedCrop + flip if True, else resize (shorter side to img_size * 8/7) + centre crop.
+        crop_scale: area range of the random crop.
+        hflip: probability of a horizontal flip (train only).
+        seed: base seed of the per-sample randomness.
+        classes: fixed class names (label = position), e.g. the train split's classes for the val split.
+    """
+
+    def __init__(self, root: str | os.PathLike, img_size: int, channels: int = 3, train: bool = True,
+                 crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
+                 classes: list[str] | None = None):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+        if img_size < 1:
+            raise ValueError(f"img_size must be positive, got {img_size}")
+        self.root = Path(root)
+        self.classes, self.samples = find_samples(self.root, classes)
+        self.targets = [label for _, label in self.samples]
+        self.img_size, self.channels, self.train = img_size, channels, train
+        self.crop_scale, self.hflip, self.seed = tuple(crop_scale), hflip, seed
+        self.mean = IMAGENET_MEAN if channels == 3 else GRAY_MEAN
+        self.std = IMAGENET_STD if channels == 3 else GRAY_STD
+        self.epoch = 0
+        self.num_skipped = 0
+        self._warned: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _decode(self, path: Path) -> Image.Image:
+        with Image.open(path) as img:
+            return img.convert("RGB" if self.channels == 3 else "L")  # convert() forces the full decode
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.sample(index, self.epoch)
+
+    def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
+        """Sample `index` as epoch `epoch` sees it (what __getitem__ returns after set_epoch(epoch))."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        for attempt in range(MAX_CONSECUTIVE_FAILURES):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                img = self._decode(path)
+            except (OSError, ValueError, UnidentifiedImageError) as err:
+                self.num_skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+                continue
+            return self._to_tensor(self._transform(img, rng)), label
+        raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images from index {index} of {self.root} "
+                           f"failed to decode; the data set looks broken")
+
+    def _transform(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
+        size = self.img_size
+        width, height = img.size
+        if self.train:
+            top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale)
+            img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+            if rng.random() < self.hflip:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            return img
+        short = int(round(size * EVAL_RESIZE_RATIO))
+        if min(width, height) != short:  # shorter side to `short`, keeping the aspect ratio (as torchvision)
+            if width <= height:
+                width, height = short, int(short * height / width)
+            else:
+                width, height = int(short * width / height), short
+            img = img.resize((width, height), Image.Resampling.BICUBIC)
+        top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
+        return img.crop((left, top, left + size, top + size))
+
+    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+        pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return ((pixels - mean) / std).contiguous()

@@ -1,0 +1,62 @@
+"""What the user runs: the CLI (`python -m engine ...`) and the README's commands."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",
+        "--set", "model.decoder_dim=16", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2",
+        "--set", "train.batch_size=128", "--set", "train.epochs=2"]
+
+
+def run_cli(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_help_explains_the_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for word in ("pretrain", "resume", "probe", "--set", "hpm_digits"):
+        assert word in out.stdout
+    assert run_cli("pretrain", "--help").returncode == 0
+
+
+def test_config_typo_fails_before_training(capsys):
+    assert main(["pretrain", "hpm_digits", "--set", "train.epoch=3"]) == 2
+    assert "unknown config key train.epoch (did you mean train.epochs?)" in capsys.readouterr().err
+    assert main(["pretrain", "hpm_digits", "--set", "model.patch_size=3"]) == 2
+    assert main(["pretrain", "no_such_config"]) == 2
+
+
+def test_missing_image_folder_says_so(capsys, tmp_path):
+    code = main(["pretrain", "hpm_digits", "--set", "data.name=folder", "--set", f"data.path={tmp_path / 'nope'}",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_pretrain_probe_resume_end_to_end(tmp_path):
+    """The demo's command line with a tiny model: run folder, probe output, resume, probe command."""
+    run_dir = tmp_path / "run"
+    out = run_cli("pretrain", "hpm_digits", *TINY, "--run-dir", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    assert "linear probe, cls token" in out.stdout and "random init" in out.stdout and str(run_dir) in out.stdout
+    probe = json.loads((run_dir / "probe.json").read_text())
+    assert 0.1 < probe["linear_cls_pretrained"] <= 1.0 and probe["val_images"] == 359
+    assert sorted(p.name for p in (run_dir / "pictures").iterdir()) == ["hpm_epoch0002.png", "recon_epoch0002.png"]
+    out = run_cli("resume", str(run_dir), "--set", "train.epochs=3", "--set", "train.probe=false")
+    assert out.returncode == 0, out.stderr
+    assert "epoch 3/3" in out.stderr
+    out = run_cli("probe", str(run_dir))
+    assert out.returncode == 0, out.stderr
+    assert "kNN (k=20), mean of patch tokens" in out.stdout
+    assert json.loads((run_dir / "probe.json").read_text())["val_images"] == 359
