@@ -9,7 +9,9 @@ from ._validate import set_index_checks
 from .embed_visible_patches import embed_visible_patches
 from .gather_tokens import gather_tokens
 from .hard_patch_masking import hard_patch_masking
+from .info_nce import info_nce
 from .masking import Masking, random_masking
+from .nt_xent import nt_xent
 from .patch_loss import patch_loss
 from .patchify import patchify, unpatchify
 from .relative_loss import relative_loss
@@ -19,5 +21,5 @@ __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "set_index_checks",
     "Masking", "random_masking", "hard_patch_masking",
     "gather_tokens", "scatter_tokens", "patchify", "unpatchify", "embed_visible_patches",
-    "patch_loss", "relative_loss",
+    "patch_loss", "relative_loss", "info_nce", "nt_xent",
 ]

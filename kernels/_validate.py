@@ -53,7 +53,8 @@ def check_indices(name: str, idx: torch.Tensor, upper: int) -> None:
     """All entries of ``idx`` must lie in [0, upper)."""
     if idx.numel() == 0:
         return
-    if idx.device.type == "cpu" or _full_index_checks:
+    # a host-synced check cannot be traced by torch.compile: there, fall back to the device assert
+    if (idx.device.type == "cpu" or _full_index_checks) and not torch.compiler.is_compiling():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= upper:
             raise IndexError(f"{name} must hold indices in [0, {upper}), got values in [{lo}, {hi}]")

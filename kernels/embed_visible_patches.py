@@ -6,16 +6,24 @@ matmul instead of [B*L, ...]), then adds their position embedding:
 
     out[b, k] = patch(imgs[b], ids_keep[b, k]) @ W^T + bias + pos_embed[ids_keep[b, k]]
 
-with W the conv weight [D, C, p, p] laid out as (row, col, channel) to match patchify.
+with W the conv weight [D, C, p, p] laid out as (row, col, channel) to match patchify (the
+reference's layout; the Triton kernel reduces in the conv's own (channel, row, col) order, see below).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from ._backend import dispatch
+from ._triton import INTERPRET, tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_shape, check_tensor
-from .gather_tokens import gather_tokens_ref
+from .gather_tokens import _gather_tokens_bwd_op, gather_tokens_ref
 from .patchify import patchify
+from .scatter_tokens import inverse_positions
+
+# Every buffer a launcher fills comes from here; the tests swap in a NaN-filled allocator.
+_alloc = torch.empty
 
 
 def conv_weight_as_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -29,7 +37,230 @@ def embed_visible_patches_ref(imgs, ids_keep, weight, bias, pos_embed, patch_siz
     return out + gather_tokens_ref(pos_embed.expand(imgs.shape[0], -1, -1), ids_keep).to(out.dtype)
 
 
-_IMPLS = {"reference": embed_visible_patches_ref}
+# --- Triton ---------------------------------------------------------------------------------
+# Forward: out = A @ Wm + bias + pos[ids], A[m, :] = pixels of visible patch m (m flattened over
+# (b, k)), Wm[P, D] = the conv weight as a matrix, P = C*p*p. One program per (BLOCK_M patches,
+# BLOCK_N features) loads A's tiles straight from the NCHW image: patch m starts at pixel
+# (row (id // grid_w) * p, col (id % grid_w) * p) of image b. The reduction index runs in
+# (channel, row, col) order, the conv weight's own layout: a patch row is then p contiguous
+# pixels of the image (coalesced loads) and Wm is weight.reshape(D, P) transposed, a view with no
+# copy. patchify's (row, col, channel) order would make consecutive elements a whole image plane
+# apart. Order does not change the sum; accumulation is fp32, bias and pos are added in fp32 and
+# the result is rounded once.
+#
+# Backward (dout = dL/dout, [B*K, D]):
+#   dW    = dout^T @ A          (A re-gathered from the image by _embed_visible_patches_gather_kernel, torch mm)
+#   dpos  = sum over b of dout[b, k] at position ids_keep[b, k]: _embed_visible_patches_bwd_kernel walks
+#           positions through the inverse map and loops over the batch in order, so every dpos element is
+#           one fp32 sum in a fixed order (deterministic, no atomics; index_add_ would use float atomics).
+#   dbias = sum of all dout rows = sum over positions of the fp32 dpos (computed for it if pos is frozen).
+#   dimgs = (dout @ Wm^T) put back at the visible patches, zero elsewhere (gather_tokens' backward op,
+#           then a permute back to NCHW).
+
+
+@triton.jit
+def _embed_visible_patches_fwd_kernel(
+        img_ptr, ids_ptr, w_ptr, bias_ptr, pos_ptr, out_ptr,
+        num_rows, num_keep, dim, patch_dim, grid_w,
+        stride_ib, stride_ic, stride_ih, stride_iw, stride_wk, stride_wn, stride_pl, stride_pd,
+        PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < num_rows
+    col_ok = cols < dim
+    patch = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    batch = (rows // num_keep).to(tl.int64)
+    corner = batch * stride_ib + (patch // grid_w) * PATCH * stride_ih + (patch % grid_w) * PATCH * stride_iw
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, patch_dim, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = kk < patch_dim
+        # kk -> (channel, row in patch, col in patch)
+        offset = (kk // (PATCH * PATCH)) * stride_ic + ((kk // PATCH) % PATCH) * stride_ih + (kk % PATCH) * stride_iw
+        a = tl.load(img_ptr + corner[:, None] + offset[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter has no bf16 arithmetic
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    pos = tl.load(pos_ptr + patch[:, None] * stride_pl + cols[None, :] * stride_pd,
+                  mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    acc += pos.to(tl.float32)
+    out = out_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _embed_visible_patches_gather_kernel(
+        img_ptr, ids_ptr, out_ptr, num_rows, num_keep, patch_dim, grid_w,
+        stride_ib, stride_ic, stride_ih, stride_iw,
+        PATCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A[m, :] = pixels of visible patch m in (channel, row, col) order, the forward's A tiles."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < num_rows
+    k_ok = kk < patch_dim
+    patch = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    batch = (rows // num_keep).to(tl.int64)
+    corner = batch * stride_ib + (patch // grid_w) * PATCH * stride_ih + (patch % grid_w) * PATCH * stride_iw
+    offset = (kk // (PATCH * PATCH)) * stride_ic + ((kk // PATCH) % PATCH) * stride_ih + (kk % PATCH) * stride_iw
+    mask = row_ok[:, None] & k_ok[None, :]
+    pixels = tl.load(img_ptr + corner[:, None] + offset[None, :], mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * patch_dim + kk[None, :], pixels, mask=mask)
+
+
+@triton.jit
+def _embed_visible_patches_bwd_kernel(dout_ptr, inv_ptr, dpos_ptr, batch_size, num_patches, num_keep, dim,
+                                      stride_ob, stride_ok, stride_od,
+                                      BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dpos[l] = sum over b of dout[b, inv[b, l]] (visible positions only), fp32, batch in order."""
+    pos = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    pos_ok = pos < num_patches
+    col_ok = cols < dim
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    for _ in range(0, batch_size):  # advance 64-bit pointers rather than index with b * stride (int32)
+        k = tl.load(inv_ptr + pos, mask=pos_ok, other=-1)
+        src = dout_ptr + k.to(tl.int64)[:, None] * stride_ok + cols[None, :] * stride_od
+        grad = tl.load(src, mask=(k >= 0)[:, None] & col_ok[None, :], other=0.0)
+        acc += grad.to(tl.float32)
+        inv_ptr += num_patches
+        dout_ptr += stride_ob
+    tl.store(dpos_ptr + pos[:, None] * dim + cols[None, :], acc, mask=pos_ok[:, None] & col_ok[None, :])
+
+
+def _matmul_precision(dtype: torch.dtype) -> str:
+    """fp32 matmuls follow torch's TF32 switch (off by default, like the reference's F.linear)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _embed_fwd(imgs, ids_keep, weight, bias, pos, patch_size):
+    batch, _, _, width = imgs.shape
+    dim = weight.shape[0]
+    num_keep = ids_keep.shape[1]
+    num_rows = batch * num_keep
+    weight_t = weight.reshape(dim, -1).t()  # [P, D], (channel, row, col) order; a view when weight is contiguous
+    patch_dim = weight_t.shape[0]
+    out = _alloc((batch, num_keep, dim), dtype=imgs.dtype, device=imgs.device)
+    if out.numel() == 0:
+        return out
+    block_m, block_n = 64, min(128, max(16, triton.next_power_of_2(dim)))
+    block_k = min(64, max(16, triton.next_power_of_2(patch_dim)))
+    grid = (triton.cdiv(num_rows, block_m), triton.cdiv(dim, block_n))
+    pos2d = pos.reshape(pos.shape[-2], pos.shape[-1])
+    _embed_visible_patches_fwd_kernel[grid](
+        imgs, ids_keep, weight_t, bias if bias is not None else weight_t, pos2d, out,
+        num_rows, num_keep, dim, patch_dim, width // patch_size,
+        *imgs.stride(), *weight_t.stride(), *pos2d.stride(),
+        PATCH=patch_size, HAS_BIAS=bias is not None, UPCAST=INTERPRET,
+        PRECISION=_matmul_precision(imgs.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=3)
+    return out
+
+
+# --- autograd binding -----------------------------------------------------------------------
+
+@torch.library.custom_op("kernels::embed_visible_patches_triton", mutates_args=())
+def _embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              pos_embed: torch.Tensor, patch_size: int) -> torch.Tensor:
+    bias = bias.contiguous() if bias is not None else None
+    return _embed_fwd(imgs, ids_keep.contiguous(), weight, bias, pos_embed, patch_size)
+
+
+@_embed_op.register_fake
+def _(imgs, ids_keep, weight, bias, pos_embed, patch_size):
+    return imgs.new_empty((imgs.shape[0], ids_keep.shape[1], weight.shape[0]))
+
+
+@torch.library.custom_op("kernels::embed_visible_patches_triton_patches", mutates_args=())
+def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B*K, C*p*p]: the visible patches' pixels in (channel, row, col) order."""
+    batch, channels, _, width = imgs.shape
+    ids_keep = ids_keep.contiguous()
+    num_rows, patch_dim = batch * ids_keep.shape[1], channels * patch_size * patch_size
+    out = _alloc((num_rows, patch_dim), dtype=imgs.dtype, device=imgs.device)
+    if out.numel() == 0:
+        return out
+    block_m, block_k = 32, min(128, triton.next_power_of_2(patch_dim))
+    _embed_visible_patches_gather_kernel[(triton.cdiv(num_rows, block_m), triton.cdiv(patch_dim, block_k))](
+        imgs, ids_keep, out, num_rows, ids_keep.shape[1], patch_dim, width // patch_size, *imgs.stride(),
+        PATCH=patch_size, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+@_gather_patches_op.register_fake
+def _(imgs, ids_keep, patch_size):
+    return imgs.new_empty((imgs.shape[0] * ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size))
+
+
+@torch.library.custom_op("kernels::embed_visible_patches_triton_pos_grad", mutates_args=())
+def _pos_grad_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """[L, D] fp32: dpos[l] = sum over the batch of dout[b, k] with ids_keep[b, k] == l."""
+    batch, num_keep, dim = dout.shape
+    dpos = _alloc((num_patches, dim), dtype=torch.float32, device=dout.device)
+    if dpos.numel() == 0:
+        return dpos
+    inverse = inverse_positions(ids_keep, num_patches)
+    block_l, block_d = 8, min(128, triton.next_power_of_2(dim))
+    _embed_visible_patches_bwd_kernel[(triton.cdiv(num_patches, block_l), triton.cdiv(dim, block_d))](
+        dout, inverse, dpos, batch, num_patches, num_keep, dim, *dout.stride(),
+        BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
+    return dpos
+
+
+@_pos_grad_op.register_fake
+def _(dout, ids_keep, num_patches):
+    return dout.new_empty((num_patches, dout.shape[2]), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    imgs, ids_keep, weight, bias, pos_embed, patch_size = inputs
+    ctx.save_for_backward(imgs, ids_keep, weight)
+    ctx.patch_size = patch_size
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.pos_shape, ctx.pos_dtype = pos_embed.shape, pos_embed.dtype
+
+
+def _backward(ctx, grad):
+    imgs, ids_keep, weight = ctx.saved_tensors
+    need_imgs, _, need_weight, need_bias, need_pos, _ = ctx.needs_input_grad
+    batch, channels, height, width = imgs.shape
+    p = ctx.patch_size
+    dim, num_patches = weight.shape[0], ctx.pos_shape[-2]
+    grad_rows = grad.reshape(-1, dim)
+    dimgs = dweight = dbias = dpos = None
+    if need_weight:
+        patches = _gather_patches_op(imgs, ids_keep, p)
+        dweight = (grad_rows.t().to(patches.dtype) @ patches).reshape(weight.shape).to(weight.dtype)
+    if need_pos or need_bias:
+        dpos32 = _pos_grad_op(grad, ids_keep, num_patches)
+        if need_pos:
+            dpos = dpos32.reshape(ctx.pos_shape).to(ctx.pos_dtype)
+        if need_bias:
+            dbias = dpos32.sum(0).to(ctx.bias_dtype)
+    if need_imgs:
+        dpatches = (grad_rows.to(weight.dtype) @ weight.reshape(dim, -1)).reshape(batch, -1, channels * p * p)
+        grid_h, grid_w = height // p, width // p
+        dimgs = _gather_tokens_bwd_op(dpatches, ids_keep, num_patches)  # [B, L, C*p*p], zeros at masked patches
+        dimgs = dimgs.reshape(batch, grid_h, grid_w, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+        dimgs = dimgs.reshape(imgs.shape).to(imgs.dtype)
+    return dimgs, None, dweight, dbias, dpos, None
+
+
+_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def embed_visible_patches_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size):
+    return _embed_op(imgs, ids_keep, weight, bias, pos_embed, patch_size)
+
+
+_IMPLS = {"reference": embed_visible_patches_ref, "triton": embed_visible_patches_triton}
 
 
 def embed_visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -38,22 +269,30 @@ def embed_visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: to
     """Embed the visible patches of each image and add their position embedding.
 
     Args:
-        imgs: [B, C, H, W].
+        imgs: [B, C, H, W] (any strides).
         ids_keep: [B, K] patch indices (raster order) to embed.
-        weight: [D, C, p, p] patch-embedding conv weight; bias: [D] or None.
-        pos_embed: [1, L, D] or [L, D] position embedding of the patches (no cls entry).
+        weight: [D, C, p, p] patch-embedding conv weight, imgs's dtype; bias: [D] (weight's dtype) or None.
+            Under autocast, imgs, weight and bias are first cast to the autocast dtype, as F.linear would.
+        pos_embed: [1, L, D] or [L, D] position embedding of the patches (no cls entry), any float dtype.
     Returns:
-        [B, K, D], differentiable in weight, bias and pos_embed (and imgs).
+        [B, K, D] in imgs's dtype, differentiable in weight, bias and pos_embed (and imgs).
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=FLOAT_DTYPES)
     device = imgs.device
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=device)
     check_tensor("weight", weight, ndim=4, dtypes=FLOAT_DTYPES, device=device)
+    if torch.is_autocast_enabled(device.type):  # F.linear's autocast rule: project in the autocast dtype
+        dtype = torch.get_autocast_dtype(device.type)
+        imgs, weight = imgs.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+    check_tensor("weight", weight, dtypes=(imgs.dtype,))
     p = int(patch_size)
-    dim, channels = weight.shape[:2]
+    if p != patch_size or p < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size}")
+    dim = weight.shape[0]
     check_shape("weight", weight, [dim, imgs.shape[1], p, p])
     if bias is not None:
-        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=device)
+        check_tensor("bias", bias, dtypes=(weight.dtype,), device=device)
         check_shape("bias", bias, [dim])
     check_tensor("pos_embed", pos_embed, ndim=(2, 3), dtypes=FLOAT_DTYPES, device=device)
     if imgs.shape[2] % p or imgs.shape[3] % p:

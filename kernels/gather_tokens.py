@@ -8,7 +8,12 @@ from __future__ import annotations
 import torch
 
 from ._backend import dispatch
+from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_tensor
+from .scatter_tokens import inverse_positions, row_tiles, scatter_rows
+
+# Every buffer a launcher fills comes from here; the tests swap in a NaN-filled allocator.
+_alloc = torch.empty
 
 
 def gather_tokens_ref(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -16,14 +21,98 @@ def gather_tokens_ref(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
-_IMPLS = {"reference": gather_tokens_ref}
+# --- Triton ---------------------------------------------------------------------------------
+# Forward: one program per (BLOCK_T output rows, flattened over (b, k); BLOCK_D columns). Each row
+# loads its index once and copies a BLOCK_D slice of x[b, ids_keep[b, k]]. x is read through its
+# strides (no copy for transposed or sliced views); the unit stride of a contiguous last dimension
+# is specialised by Triton, so those loads vectorise.
+#
+# Backward: dx[b, l] = dout[b, k] where ids_keep[b, k] = l, else 0. Because the ids are distinct in
+# a row, this is scatter_tokens' forward kernel with zero fill: it walks dx in position order
+# through the inverse map (position -> k or -1) and writes every element of dx exactly once, so
+# no zero-initialisation pass and no atomics.
+
+
+@triton.jit
+def _gather_tokens_fwd_kernel(x_ptr, ids_ptr, out_ptr, num_rows, num_keep, dim,
+                              stride_xb, stride_xl, stride_xd,
+                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    col_ok = cols < dim
+    mask = row_ok[:, None] & col_ok[None, :]
+    pos = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    batch = (rows // num_keep).to(tl.int64)
+    src = x_ptr + batch[:, None] * stride_xb + pos[:, None] * stride_xl + cols[None, :] * stride_xd
+    values = tl.load(src, mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * dim + cols[None, :], values, mask=mask)
+
+
+def gather_rows(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """x: [B, L, D] with any strides; ids_keep: contiguous [B, K] int32/int64. Returns contiguous [B, K, D]."""
+    batch, _, dim = x.shape
+    num_keep = ids_keep.shape[1]
+    out = _alloc((batch, num_keep, dim), dtype=x.dtype, device=x.device)
+    num_rows = batch * num_keep
+    if out.numel() == 0:
+        return out
+    block_t, block_d = row_tiles(num_rows, dim)
+    grid = (triton.cdiv(num_rows, block_t), triton.cdiv(dim, block_d))
+    _gather_tokens_fwd_kernel[grid](x, ids_keep, out, num_rows, num_keep, dim, *x.stride(),
+                                    BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+# --- autograd binding -----------------------------------------------------------------------
+
+@torch.library.custom_op("kernels::gather_tokens_triton", mutates_args=())
+def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    return gather_rows(x, ids_keep.contiguous())
+
+
+@_gather_tokens_op.register_fake
+def _(x, ids_keep):
+    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("kernels::gather_tokens_triton_bwd", mutates_args=())
+def _gather_tokens_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """dx [B, L, D]: dout's rows at the positions ids_keep, zeros elsewhere."""
+    return scatter_rows(dout, inverse_positions(ids_keep, num_patches), None)
+
+
+@_gather_tokens_bwd_op.register_fake
+def _(dout, ids_keep, num_patches):
+    return dout.new_empty((dout.shape[0], num_patches, dout.shape[2]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ids_keep = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.num_patches, ctx.x_dtype = x.shape[1], x.dtype
+
+
+def _backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    return _gather_tokens_bwd_op(grad, ids_keep, ctx.num_patches).to(ctx.x_dtype), None
+
+
+_gather_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    return _gather_tokens_op(x, ids_keep)
+
+
+_IMPLS = {"reference": gather_tokens_ref, "triton": gather_tokens_triton}
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Visible tokens of each sample, differentiable in ``x``.
 
     Args:
-        x: [B, L, D] tokens.
+        x: [B, L, D] tokens (any strides; the Triton kernel reads them in place).
         ids_keep: [B, K] indices into L, distinct within a row.
     Returns:
         [B, K, D], same dtype as ``x``.

@@ -9,6 +9,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The suite's tensors are tiny: one intra-op thread is much faster than OpenMP's
+# fork/join on every op (and immune to a busy machine). Subprocesses inherit it too.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # (atol, rtol) for comparing a low-precision kernel with the fp32 reference
 TOLERANCES = {
     torch.float32: (1e-5, 1e-5),

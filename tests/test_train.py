@@ -10,7 +10,7 @@ from engine.train import pretrain
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
         "model.decoder_heads=2", "train.batch_size=64", "train.log_every=5", "data.synthetic_size=256",
-        "train.probe=false", "train.eval_every=0"]
+        "train.probe=false", "train.eval_every=0", "data.name=synthetic"]
 
 
 def cfg_for(objective="hpm", *extra):

@@ -1,0 +1,469 @@
+"""InfoNCE (CLIP / MoCo v3 contrastive loss) without materialising the N x N logits.
+
+With logits s_ij = q_i . k_j / tau (rows q, columns k, the positive of row i is column i):
+    loss = mean_i [ lse_i - s_ii ],   lse_i = log sum_j exp(s_ij)
+symmetric=True averages both directions: 0.5 * (loss(q -> k) + loss(k -> q)), the CLIP loss. MoCo v3
+additionally multiplies its loss by 2 * tau; that factor is NOT applied here (multiply it yourself).
+
+Split of work. Only the log-sum-exp needs the N x N matrix, so it is the kernel: the op
+``kernels::info_nce_lse`` streams tiles of S = Q K^T, keeps an online max / sum per row and returns
+lse_i (and, for symmetric, the column lse) plus the positive logit s_ii, all fp32; loss = mean(lse - s_ii)
+is then a torch op on N numbers. The normalisation (q / |q|) and 1/tau are O(N d) torch ops around the
+kernel, so autograd differentiates them (a few extra passes over [N, d], negligible beside N^2 d).
+
+Gradient of L = sum_i [g_i lse_i + p_i s_ii] (+ sum_j h_j clse_j for the column direction), c = 1/tau:
+    P_ij = exp(s_ij - lse_i),  Pc_ij = exp(s_ij - clse_j),  W_ij = g_i P_ij + h_j Pc_ij + p_i [i == j]
+    dL/dq_i = c sum_j W_ij k_j      dL/dk_j = c sum_i W_ij q_i
+    dL/dc   = sum_ij W_ij q_i.k_j = (1/c) sum_i q_i . dL/dq_i
+With g_i = 1/N, p_i = -1/N this is dQ = (P - I) K / (N tau). W is formed in fp32 inside the kernel before
+it is rounded to the input dtype for the second matmul, so P_ii - 1 keeps its precision when P_ii is
+near 1 (a confident positive); adding -K/(N tau) outside the kernel in bf16 would cancel catastrophically.
+A learnable temperature costs one O(N d) dot product on top of dQ. The backward recomputes S tile by
+tile: a row-parallel dQ pass and a column-parallel dK pass, both the same kernel with the roles of q and
+k swapped (Inf-CL's design; no atomics, deterministic). For symmetric both directions share these two
+passes (one W per tile); the forward runs the row and the column lse as two passes (not fused).
+FLOPs per direction: forward 2N^2 d; backward 2 passes x (2N^2 d recompute + 2N^2 d) = 8N^2 d, so 10N^2 d in
+all against the 8N^2 d minimum of a backward that recomputes S once.
+
+Across GPUs (group given): each rank holds N_local rows of q and k. Keys (and, for symmetric, queries)
+are all-gathered with gradient (the backward sums the key gradients of all ranks onto their owner), so
+every rank's rows see all W * N_local keys as negatives. Each rank returns the MEAN over its own rows.
+The average of those losses over ranks is the global-batch loss, and DDP's gradient averaging (or FSDP's)
+then gives exactly the gradient of the global-batch loss that one process holding the whole batch would
+get. Input gradients on a rank are therefore W times the single-process ones. If gradients are summed
+across ranks instead of averaged, divide the loss by the world size. Ranks must hold equal N_local.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import dispatch, get_backend
+from ._triton import INTERPRET, tl, triton
+from ._validate import FLOAT_DTYPES, check_shape, check_tensor
+
+MAX_TRITON_DIM = 2048  # the backward keeps a [BLOCK_M, d] fp32 accumulator per program
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers (also used by nt_xent)
+# ----------------------------------------------------------------------------------------------
+def check_temperature(temperature, device: torch.device) -> None:
+    """A positive finite float, or a 0-dim floating tensor (on ``device`` or the CPU)."""
+    if isinstance(temperature, torch.Tensor):
+        if temperature.dim() != 0:
+            raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {list(temperature.shape)}")
+        if not temperature.is_floating_point():
+            raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
+        if temperature.device.type == "cpu":
+            value = float(temperature.detach())
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"temperature must be > 0 and finite, got {value}")
+        elif temperature.device != device:
+            raise ValueError(f"temperature must be on {device} or the CPU, got {temperature.device}")
+        else:  # no host sync on an accelerator: a device-side assert instead
+            torch._assert_async(temperature > 0, "temperature must be > 0")
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be > 0 and finite, got {temperature}")
+
+
+def inverse_temperature(temperature, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """1 / temperature as a 0-dim tensor on ``device``; differentiable when temperature is a tensor."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0 / temperature.to(device=device, dtype=dtype)
+    return torch.tensor(1.0 / temperature, device=device, dtype=dtype)
+
+
+def gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate ``x`` from every rank of ``group`` (rank order); the backward sums gradients onto owners."""
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
+
+
+def rank_in(group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: materialised logits + F.cross_entropy (the truth; the CPU path)
+# ----------------------------------------------------------------------------------------------
+def info_nce_ref(q: torch.Tensor, k: torch.Tensor, temperature, normalize: bool = True,
+                 symmetric: bool = False, group=None) -> torch.Tensor:
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k = q.to(dtype), k.to(dtype)
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    scale = inverse_temperature(temperature, q.device, dtype)
+    labels = torch.arange(q.shape[0], device=q.device)
+    if group is not None:
+        labels = labels + rank_in(group) * q.shape[0]
+    keys = gather_with_grad(k, group) if group is not None else k
+    loss = F.cross_entropy(q @ keys.T * scale, labels)
+    if symmetric:
+        queries = gather_with_grad(q, group) if group is not None else q
+        loss = 0.5 * (loss + F.cross_entropy(k @ queries.T * scale, labels))
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels. Rows A[R, D] against columns B[C, D]; s = scale * A B^T. Optional:
+#  - "self" entries (col == row + self_offset) are excluded (NT-Xent);
+#  - the positive of row r is column pos(r) = pos_offset + (r + pos_shift) % pos_period.
+# Logits are kept in log2 units (exp2 is the native instruction): s2 = s * log2(e).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _info_nce_fwd_kernel(A, B, SCALE, LSE, POS, num_rows, num_cols, dim, stride_a, stride_b,
+                         self_offset, pos_offset, pos_shift, pos_period,
+                         HAS_SELF: tl.constexpr, HAS_POS: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # lse_r = log sum_c exp(s_rc) by an online max m_r and sum l_r = sum_c exp2(s2_rc - m_r); pos_r = s_r,pos(r).
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    d_ok = offs_d < dim
+    a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:  # the interpreter cannot do bf16 arithmetic
+        a = a.to(tl.float32)
+    scale2 = tl.load(SCALE).to(tl.float32) * 1.4426950408889634
+    pos_col = pos_offset + (rows + pos_shift) % pos_period
+    m = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pos2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start in range(0, num_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        if HAS_POS:
+            pos2 += tl.sum(tl.where(cols[None, :] == pos_col[:, None], s2, 0.0), axis=1)
+        valid = col_ok[None, :]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+        s2 = tl.where(valid, s2, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s2, axis=1))
+        # a row whose columns so far are all excluded keeps m = -inf: subtract 0 there, not -inf
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp2(m - m_safe) + tl.sum(tl.exp2(s2 - m_safe[:, None]), axis=1)
+        m = m_new
+    tl.store(LSE + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+    if HAS_POS:
+        tl.store(POS + rows, pos2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _info_nce_bwd_kernel(A, B, SCALE, A_LSE, A_GRAD, A_PGRAD, B_LSE, B_GRAD, B_PGRAD, DA,
+                         num_rows, num_cols, dim, stride_a, stride_b, stride_da,
+                         self_offset, pos_offset, pos_shift, pos_period,
+                         HAS_A_STATS: tl.constexpr, A_POS: tl.constexpr, HAS_B_STATS: tl.constexpr,
+                         B_POS: tl.constexpr, HAS_SELF: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    # dA_r = scale * sum_c W_rc B_c, S recomputed per tile, with W the gradient w.r.t. s_rc of
+    #   sum_r [gA_r lseA_r + pA_r s_r,pos(r)]   (A's own row lse and positive logit)
+    # + sum_c [gB_c lseB_c + pB_c s_pos(c),c]   (B's lse: the column softmax, and B's positive logit):
+    #   W_rc = gA_r exp(s_rc - lseA_r) + pA_r [c == pos(r)] + gB_c exp(s_rc - lseB_c) + pB_c [r == pos(c)].
+    # The identity terms (P - I) are formed in fp32 before W is rounded for the second tl.dot.
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < num_rows
+    d_ok = offs_d < dim
+    a = tl.load(A + rows.to(tl.int64)[:, None] * stride_a + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+    scale = tl.load(SCALE).to(tl.float32)
+    scale2 = scale * 1.4426950408889634
+    if HAS_A_STATS:
+        lse_a = tl.load(A_LSE + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        g_a = tl.load(A_GRAD + rows, mask=row_ok, other=0.0)
+        if A_POS:
+            p_a = tl.load(A_PGRAD + rows, mask=row_ok, other=0.0)
+            pos_of_row = pos_offset + (rows + pos_shift) % pos_period
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start in range(0, num_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_ok = cols < num_cols
+        b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + offs_d[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        s2 = tl.dot(a, tl.trans(b), input_precision=PRECISION) * scale2
+        w = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if HAS_A_STATS:
+            w += g_a[:, None] * tl.exp2(s2 - lse_a[:, None])
+            if A_POS:
+                w += tl.where(cols[None, :] == pos_of_row[:, None], p_a[:, None], 0.0)
+        if HAS_B_STATS:
+            lse_b = tl.load(B_LSE + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+            g_b = tl.load(B_GRAD + cols, mask=col_ok, other=0.0)
+            w += g_b[None, :] * tl.exp2(s2 - lse_b[None, :])
+            if B_POS:
+                p_b = tl.load(B_PGRAD + cols, mask=col_ok, other=0.0)
+                pos_of_col = pos_offset + (cols + pos_shift) % pos_period
+                w += tl.where(rows[:, None] == pos_of_col[None, :], p_b[None, :], 0.0)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if HAS_SELF:
+            valid = valid & (cols[None, :] != rows[:, None] + self_offset)
+        # excluded entries may hold inf/nan from exp2 overflow: select, never multiply, them away
+        w = tl.where(valid, w, 0.0)
+        if UPCAST:  # round W as the GPU does before its bf16 matmul, then compute in fp32
+            w = w.to(B.dtype.element_ty).to(tl.float32)
+        acc += tl.dot(w.to(b.dtype), b, input_precision=PRECISION)
+    acc = acc * scale
+    tl.store(DA + rows.to(tl.int64)[:, None] * stride_da + offs_d[None, :], acc,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _block_d(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _interpret_blocks(num_rows: int, num_cols: int) -> tuple[int, int]:
+    # the interpreter runs programs one by one in Python: few, small tiles (tl.dot needs >= 16)
+    return (16 if num_rows <= 64 else 32), (16 if num_cols <= 64 else 32)
+
+
+def _gpu_configs(kind: str, block_d: int) -> list:
+    if kind == "fwd":  # holds a [BLOCK_M, BLOCK_D] tile of A and streams [BLOCK_N, BLOCK_D] tiles of B
+        shapes = [(128, 64), (128, 128), (64, 64), (64, 128)] if block_d <= 128 else \
+            [(128, 64), (64, 64), (128, 32), (64, 32)] if block_d <= 256 else [(64, 32), (32, 32), (32, 64), (16, 32)]
+    else:  # also a [BLOCK_M, BLOCK_D] fp32 accumulator: keep it near 16K values
+        block_m = max(16, min(128, 16384 // block_d))
+        shapes = list(dict.fromkeys([(block_m, 64), (block_m, 32), (max(16, block_m // 2), 64)]))
+    # wide rows: fewer pipeline stages, so that the B tiles still fit in shared memory
+    warps_stages = ((4, 3), (8, 2)) if block_d <= 256 else ((4, 2), (8, 1))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+            for bm, bn in shapes for w, st in warps_stages]
+
+
+_TUNED: dict = {}
+
+
+def _tuned(kind: str, block_d: int):
+    """The kernel autotuned over configs that suit ``block_d``, once per number of columns, flags and dtypes."""
+    key = (kind, block_d)
+    if key not in _TUNED:
+        kernel = _info_nce_fwd_kernel if kind == "fwd" else _info_nce_bwd_kernel
+        _TUNED[key] = triton.autotune(configs=_gpu_configs(kind, block_d),
+                                      key=["num_cols", "HAS_SELF", "UPCAST", "PRECISION"])(kernel)
+    return _TUNED[key]
+
+
+def _launch(kind: str, num_rows: int, num_cols: int, dim: int, args: tuple, flags: dict) -> None:
+    block_d = _block_d(dim)
+    if INTERPRET:
+        bm, bn = _interpret_blocks(num_rows, num_cols)
+        kernel = _info_nce_fwd_kernel if kind == "fwd" else _info_nce_bwd_kernel
+        kernel[(triton.cdiv(num_rows, bm),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
+    else:
+        grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]),)  # noqa: E731
+        _tuned(kind, block_d)[grid](*args, **flags, BLOCK_D=block_d)
+
+
+def _flags(x: torch.Tensor, self_offset: Optional[int]) -> dict:
+    fp32_ieee = x.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    return {"HAS_SELF": self_offset is not None, "UPCAST": INTERPRET and x.dtype == torch.bfloat16,
+            "PRECISION": "ieee" if fp32_ieee else "tf32"}
+
+
+Positive = tuple[int, int, int]  # (offset, shift, period): the positive of row r is offset + (r + shift) % period
+
+
+def lse_forward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, self_offset: Optional[int] = None,
+                positive: Optional[Positive] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Row log-sum-exp of s = scale * a b^T, and the positive logits s_r,pos(r) when ``positive`` is given.
+
+    Entries with col == row + self_offset are excluded. Both outputs are fp32 [R].
+    """
+    a, b = a.contiguous(), b.contiguous()
+    (num_rows, dim), num_cols = a.shape, b.shape[0]
+    lse, pos = (torch.empty(num_rows, device=a.device, dtype=torch.float32) for _ in range(2))
+    pos_offset, pos_shift, pos_period = positive or (0, 0, 1)
+    args = (a, b, scale.detach().float().contiguous(), lse, pos, num_rows, num_cols, dim, a.stride(0), b.stride(0),
+            self_offset or 0, pos_offset, pos_shift, pos_period)
+    _launch("fwd", num_rows, num_cols, dim, args, {"HAS_POS": positive is not None, **_flags(a, self_offset)})
+    return lse, (pos if positive is not None else None)
+
+
+Stats = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # (lse, grad of lse, grad of positive logit)
+
+
+def lse_backward(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, a_stats: Optional[Stats],
+                 b_stats: Optional[Stats], *, self_offset: Optional[int] = None,
+                 positive: Optional[Positive] = None) -> torch.Tensor:
+    """d/da (fp32 [R, D]) of sum_r [gA_r lseA_r + pA_r s_r,pos(r)] + sum_c [gB_c lseB_c + pB_c s_pos(c),c].
+
+    a_stats = (lseA, gA, pA): statistics of the rows of s (``lse_forward(a, b)``); b_stats = (lseB, gB, pB):
+    statistics of its columns (``lse_forward(b, a)``), either may be None, pA / pB may be None. pos() is
+    ``positive`` for A's rows and, for B's, maps b's index to a's. The gradient for b is the same call with
+    a, b and the stats swapped and self_offset negated.
+    """
+    a, b = a.contiguous(), b.contiguous()
+    (num_rows, dim), num_cols = a.shape, b.shape[0]
+    out = torch.empty(num_rows, dim, device=a.device, dtype=torch.float32)
+
+    def pointers(stats):  # unused pointers (flags off) may be any tensor
+        if stats is None:
+            return out, out, out
+        lse, grad, pgrad = stats
+        return lse.contiguous(), grad.float().contiguous(), (out if pgrad is None else pgrad.float().contiguous())
+
+    pos_offset, pos_shift, pos_period = positive or (0, 0, 1)
+    args = (a, b, scale.detach().float().contiguous(), *pointers(a_stats), *pointers(b_stats), out,
+            num_rows, num_cols, dim, a.stride(0), b.stride(0), out.stride(0),
+            self_offset or 0, pos_offset, pos_shift, pos_period)
+    flags = {"HAS_A_STATS": a_stats is not None, "A_POS": a_stats is not None and a_stats[2] is not None,
+             "HAS_B_STATS": b_stats is not None, "B_POS": b_stats is not None and b_stats[2] is not None,
+             **_flags(a, self_offset)}
+    _launch("bwd", num_rows, num_cols, dim, args, flags)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd binding as custom ops (traceable by torch.compile). Integers describe the masks:
+# exclude_self / self_offset, and the positive (pos_offset, pos_shift, pos_period; period 0 = none).
+# ----------------------------------------------------------------------------------------------
+def _masks(exclude_self: bool, self_offset: int, pos_offset: int, pos_shift: int, pos_period: int):
+    return {"self_offset": self_offset if exclude_self else None,
+            "positive": (pos_offset, pos_shift, pos_period) if pos_period > 0 else None}
+
+
+@torch.library.custom_op("kernels::info_nce_lse_bwd", mutates_args=())
+def lse_bwd_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+               a_lse: Optional[torch.Tensor], a_grad: Optional[torch.Tensor], a_pgrad: Optional[torch.Tensor],
+               b_lse: Optional[torch.Tensor], b_grad: Optional[torch.Tensor], b_pgrad: Optional[torch.Tensor],
+               exclude_self: bool, self_offset: int, pos_offset: int, pos_shift: int, pos_period: int
+               ) -> torch.Tensor:
+    a_stats = (a_lse, a_grad, a_pgrad) if a_lse is not None else None
+    b_stats = (b_lse, b_grad, b_pgrad) if b_lse is not None else None
+    return lse_backward(a, b, scale, a_stats, b_stats,
+                        **_masks(exclude_self, self_offset, pos_offset, pos_shift, pos_period))
+
+
+@lse_bwd_op.register_fake
+def _(a, b, scale, a_lse, a_grad, a_pgrad, b_lse, b_grad, b_pgrad, *masks):
+    return a.new_empty(a.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::info_nce_lse", mutates_args=())
+def info_nce_lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row lse [R], column lse [C] or [0], positive logits [R]) of s = scale * q k^T, all fp32.
+
+    Row r's positive is column pos_offset + r; with_col (the column direction) needs R == C, pos_offset 0.
+    """
+    row, pos = lse_forward(q, k, scale, positive=(pos_offset, 0, q.shape[0]))
+    col = lse_forward(k, q, scale)[0] if with_col else q.new_empty(0, dtype=torch.float32)
+    return row, col, pos
+
+
+@info_nce_lse.register_fake
+def _(q, k, scale, with_col, pos_offset):
+    rows = q.new_empty(q.shape[0], dtype=torch.float32)
+    return rows, q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32), torch.empty_like(rows)
+
+
+def _lse_setup(ctx, inputs, output):
+    q, k, scale, with_col, pos_offset = inputs
+    ctx.save_for_backward(q, k, scale, output[0], output[1])
+    ctx.with_col, ctx.pos_offset = with_col, pos_offset
+
+
+def _lse_backward(ctx, grad_row, grad_col, grad_pos):
+    q, k, scale, row, col = ctx.saved_tensors
+    need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+    zero = torch.zeros_like(row)
+    row_stats = (row, zero if grad_row is None else grad_row, grad_pos)
+    col_stats = (col, grad_col, None) if ctx.with_col and grad_col is not None else (None, None, None)
+    masks = (False, 0, ctx.pos_offset, 0, q.shape[0])
+    dq = dk = dscale = None
+    if need_q or need_scale:
+        dq = lse_bwd_op(q, k, scale, *row_stats, *col_stats, *masks)
+        if need_scale:  # dL/dscale = (1/scale) sum_i q_i . dL/dq_i
+            dscale = (q.float() * dq).sum() / scale
+        dq = dq.to(q.dtype) if need_q else None
+    if need_k:
+        dk = lse_bwd_op(k, q, scale, *col_stats, *row_stats, *masks).to(k.dtype)
+    return dq, dk, dscale, None, None
+
+
+info_nce_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
+
+
+def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
+    if q.shape[1] > MAX_TRITON_DIM:
+        raise ValueError(f"info_nce: the triton backend supports d <= {MAX_TRITON_DIM}, got d={q.shape[1]}")
+    scale = inverse_temperature(temperature, q.device)
+    if normalize:  # in fp32, rounded once to the input dtype that the kernel reads
+        q = F.normalize(q.float(), dim=-1).to(q.dtype)
+        k = F.normalize(k.float(), dim=-1).to(k.dtype)
+    if group is None:
+        row, col, pos = info_nce_lse(q, k, scale, symmetric, 0)
+        loss = (row - pos).mean()
+        return 0.5 * (loss + (col - pos).mean()) if symmetric else loss
+    offset = rank_in(group) * q.shape[0]
+    row, _, pos = info_nce_lse(q, gather_with_grad(k, group), scale, False, offset)
+    loss = (row - pos).mean()
+    if symmetric:
+        col, _, pos_k = info_nce_lse(k, gather_with_grad(q, group), scale, False, offset)
+        loss = 0.5 * (loss + (col - pos_k).mean())
+    return loss
+
+
+_IMPLS = {"reference": info_nce_ref, "triton": info_nce_triton}
+
+
+def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Two [N, d] tensors of one float dtype on one device, N >= 1."""
+    check_tensor(names[0], a, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(names[1], b, ndim=2, dtypes=FLOAT_DTYPES, device=a.device)
+    check_shape(names[1], b, a.shape)
+    if b.dtype != a.dtype:
+        raise TypeError(f"{names[1]} must have the dtype of {names[0]} ({a.dtype}), got {b.dtype}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"{names[0]} must have at least one row and one column, got shape {list(a.shape)}")
+
+
+def resolve_backend(backend: Optional[str], dim: int) -> Optional[str]:
+    """backend="auto" keeps to the reference where the Triton kernel cannot serve ``dim``."""
+    if (backend or get_backend()) == "auto" and dim > MAX_TRITON_DIM:
+        return "reference"
+    return backend
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature, *, normalize: bool = True, symmetric: bool = False,
+             group=None, backend: Optional[str] = None) -> torch.Tensor:
+    """InfoNCE: row i of ``q`` against all keys, positive ``k[i]``; mean cross-entropy over rows.
+
+    Args:
+        q: [N, d] queries. k: [N, d] keys, same dtype and device.
+        temperature: a float > 0, or a 0-dim tensor (may require grad: a learnable temperature).
+        normalize: L2-normalise q and k first (cosine similarity).
+        symmetric: average the q->k and k->q directions (CLIP). MoCo v3's extra factor 2*tau is not applied.
+        group: a torch.distributed process group: negatives are the keys of all its ranks (all-gathered
+            with gradient). Each rank returns the mean over its own rows; averaging gradients over ranks
+            (DDP) gives the gradient of the global-batch loss. See the module docstring.
+    Returns:
+        a 0-dim fp32 loss.
+    """
+    check_pair(("q", "k"), q, k)
+    check_temperature(temperature, q.device)
+    impl = dispatch("info_nce", resolve_backend(backend, q.shape[1]), q.device, _IMPLS)
+    return impl(q, k, temperature, bool(normalize), bool(symmetric), group)

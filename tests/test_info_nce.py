@@ -1,0 +1,173 @@
+"""info_nce: the Triton kernels against a float64 reference (loss, grads of q, k and a learnable temperature),
+low precision, awkward shapes, unwritten outputs, bad inputs, the custom-op registration, the benchmark."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.info_nce import MAX_TRITON_DIM, info_nce, info_nce_lse, info_nce_ref, lse_backward, lse_forward
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every tensor the kernels allocate with NaN, so an output element left unwritten shows."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+
+
+def _run(fn, q, k, temperature, **kw):
+    """Loss and the gradients of q, k and (when a tensor) the temperature."""
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    t = temperature.detach().requires_grad_() if isinstance(temperature, torch.Tensor) else temperature
+    loss = fn(q, k, t, **kw)
+    loss.backward()
+    return loss.detach(), q.grad, k.grad, (t.grad if isinstance(t, torch.Tensor) else None)
+
+
+def _check(q, k, temperature, *, rtol, normalize=True, symmetric=False):
+    """Triton on (q, k) in their dtype against the float64 reference on the same values."""
+    t64 = temperature.double() if isinstance(temperature, torch.Tensor) else temperature
+    want = _run(info_nce_ref, q.double(), k.double(), t64, normalize=normalize, symmetric=symmetric)
+    got = _run(info_nce, q, k, temperature, normalize=normalize, symmetric=symmetric, backend="triton")
+    assert got[0].dtype == torch.float32 and got[1].dtype == q.dtype and got[2].dtype == k.dtype
+    torch.testing.assert_close(got[0].double(), want[0], atol=rtol * max(1.0, want[0].abs().item()), rtol=0)
+    for g, w in zip(got[1:3], want[1:3]):  # gradients: error relative to their largest entry
+        torch.testing.assert_close(g.double(), w, atol=rtol * w.abs().max().item() + 1e-12, rtol=0)
+    if isinstance(temperature, torch.Tensor):
+        torch.testing.assert_close(got[3].double(), want[3], atol=rtol * max(1.0, want[3].abs().item()), rtol=0)
+
+
+CASES = [  # N (1 and sizes off the tile), d (power of 2, not, small), temperature, normalize, symmetric
+    (1, 16, 0.1, True, False),
+    (37, 100, 0.05, True, False),
+    (100, 64, 1.0, False, False),
+    (37, 16, 0.2, True, True),
+    (100, 100, 0.5, False, True),
+]
+
+
+@pytest.mark.parametrize("n,d,tau,normalize,symmetric", CASES)
+def test_fp32_matches_float64_reference(n, d, tau, normalize, symmetric):
+    q, k = torch.randn(n, d), torch.randn(n, d)
+    if not normalize:  # keep unnormalised logits O(1..10)
+        q, k = q / d**0.5, k / d**0.5 * 3
+    _check(q, k, torch.tensor(tau), rtol=2e-5, normalize=normalize, symmetric=symmetric)
+
+
+def test_float_temperature_and_positive_pairs():
+    q = torch.randn(37, 64)
+    k = q + torch.randn(37, 64)  # correlated positives: a loss below log N
+    _check(q, k, 0.07, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_low_precision(dtype, rtol, symmetric):
+    """Inputs already unit-norm and rounded: the only error is the kernel's (P rounded for the 2nd matmul)."""
+    q = F.normalize(torch.randn(37, 64), dim=-1).to(dtype)
+    k = F.normalize(q.float() + 0.5 * torch.randn(37, 64), dim=-1).to(dtype)
+    _check(q, k, torch.tensor(0.1), rtol=rtol, normalize=False, symmetric=symmetric)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float16, 1e-2), (torch.bfloat16, 5e-2)])
+def test_low_precision_normalize_inside(dtype, rtol):
+    """normalize=True rounds the unit vectors to the input dtype: the error of one more rounding."""
+    _check(torch.randn(37, 100).to(dtype), torch.randn(37, 100).to(dtype), torch.tensor(0.2), rtol=rtol)
+
+
+def test_bf16_gradient_of_confident_positives():
+    """1 - P_ii down to 5e-4: (P - I) must be formed in fp32 before W is rounded to bf16 for the second
+    matmul, or the rows of confident positives lose all their digits. Checked row by row."""
+    q = F.normalize(torch.randn(32, 64), dim=-1).bfloat16()
+    k = F.normalize(q.float() + 0.2 * torch.randn(32, 64), dim=-1).bfloat16()
+    want = _run(info_nce_ref, q.double(), k.double(), 0.05, normalize=False)
+    got = _run(info_nce, q, k, 0.05, normalize=False, backend="triton")
+    for g, w in zip(got[1:3], want[1:3]):
+        row_scale = w.abs().amax(dim=1, keepdim=True)
+        assert ((g.double() - w).abs() <= 2e-2 * row_scale).all()
+
+
+def test_strided_inputs():
+    base_q, base_k = torch.randn(40, 128), torch.randn(64, 40)
+    q, k = base_q[:, ::2], base_k.T  # [40, 64] views, neither contiguous
+    assert not q.is_contiguous() and not k.is_contiguous()
+    _check(q, k, torch.tensor(0.1), rtol=2e-5)
+
+
+def test_unwritten_outputs_would_show(poisoned):
+    q, k = torch.randn(37, 100), torch.randn(37, 100)
+    scale = torch.tensor(5.0)
+    lse, pos = lse_forward(q, k, scale, positive=(0, 0, 37))
+    assert torch.isfinite(lse).all() and torch.isfinite(pos).all()
+    s = q @ k.T * 5
+    torch.testing.assert_close(lse, torch.logsumexp(s, 1))
+    torch.testing.assert_close(pos, s.diagonal())
+    g = torch.full((37,), 1 / 37)
+    dq = lse_backward(q, k, scale, (lse, g, -g), None, positive=(0, 0, 37))
+    want = ((torch.softmax(s, 1) - torch.eye(37)) @ k) * 5 / 37
+    torch.testing.assert_close(dq, want, atol=1e-5, rtol=1e-4)
+    row, col, pos = info_nce_lse(q, k, scale, True, 0)
+    torch.testing.assert_close(col, torch.logsumexp(s, 0))
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) kernel and autograd formula as torch.compile sees them."""
+    q, k = torch.randn(20, 16, requires_grad=True), torch.randn(20, 16, requires_grad=True)
+    scale = torch.tensor(3.0, requires_grad=True)
+    torch.library.opcheck(info_nce_lse, (q, k, scale, True, 0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_auto_backend_uses_reference_on_cpu():
+    q, k = torch.randn(8, 16), torch.randn(8, 16)
+    torch.testing.assert_close(info_nce(q, k, 0.1), info_nce_ref(q, k, 0.1))
+
+
+def test_bad_inputs():
+    q, k = torch.randn(8, 16), torch.randn(8, 16)
+    with pytest.raises(ValueError, match="k must have shape"):
+        info_nce(q, torch.randn(8, 17), 0.1)
+    with pytest.raises(ValueError, match="k must have shape"):
+        info_nce(q, torch.randn(9, 16), 0.1)
+    with pytest.raises(TypeError, match="k must have the dtype"):
+        info_nce(q, k.half(), 0.1)
+    with pytest.raises(ValueError, match="q must have 2 dimensions"):
+        info_nce(q[None], k[None], 0.1)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        info_nce(q.long(), k.long(), 0.1)
+    with pytest.raises(ValueError, match="at least one row"):
+        info_nce(q[:0], k[:0], 0.1)
+    for bad in (0.0, -0.5, float("nan"), float("inf"), torch.tensor(0.0), torch.tensor(-1.0)):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            info_nce(q, k, bad)
+    with pytest.raises(ValueError, match="0-dim"):
+        info_nce(q, k, torch.tensor([0.1]))
+    with pytest.raises(TypeError, match="temperature"):
+        info_nce(q, k, "0.1")
+    with pytest.raises(ValueError, match="d <= "):
+        big = torch.randn(2, MAX_TRITON_DIM + 1)
+        info_nce(big, big, 0.1, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [256, 1000])
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gpu_against_reference(d, dtype, rtol, symmetric):
+    q = torch.randn(1000, d, device="cuda").to(dtype)
+    k = torch.randn(1000, d, device="cuda").to(dtype)
+    _check(q, k, torch.tensor(0.07, device="cuda"), rtol=rtol, symmetric=symmetric)
+
+
+def test_benchmark_smoke():
+    from benchmarks.bench_contrastive import FAMILIES, PROVIDERS, run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: threads only add contention on a shared CPU
+    try:
+        rows = run("cpu", tiny=True)
+    finally:
+        torch.set_num_threads(threads)
+    for family in FAMILIES:
+        names = {r.provider for r in rows if r.family == family}
+        assert names == set(PROVIDERS), (family, names)
+    assert all(r.ms > 0 for r in rows if r.provider in ("reference", "chunked", "triton"))
