@@ -16,10 +16,11 @@ from .patch_loss import patch_loss
 from .patchify import patchify, unpatchify
 from .relative_loss import relative_loss
 from .scatter_tokens import scatter_tokens
+from .sparse_attention import sparse_attention
 
 __all__ = [
     "BACKENDS", "get_backend", "set_backend", "use_backend", "set_index_checks",
     "Masking", "random_masking", "hard_patch_masking",
     "gather_tokens", "scatter_tokens", "patchify", "unpatchify", "embed_visible_patches",
-    "patch_loss", "relative_loss", "info_nce", "nt_xent",
+    "patch_loss", "relative_loss", "info_nce", "nt_xent", "sparse_attention",
 ]
