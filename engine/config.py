@@ -109,6 +109,7 @@ class TrainConfig:
     precision: str = "bf16"         # bf16 | fp16 | fp32
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0
+    cpu_threads: int = 0            # intra-op threads when training on the CPU; 0 = PyTorch's default
     backend: str = "auto"           # kernels backend: auto | reference | triton | cuda
     out_dir: str = "runs"
     run_name: str = ""              # default: <objective>-<data>-<timestamp>
@@ -316,6 +317,7 @@ def validate(cfg: Config) -> None:
     _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
              f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     _require(t.backend in BACKENDS, f"train.backend must be one of {BACKENDS}, got {t.backend!r}")
+    _require(t.cpu_threads >= 0, f"train.cpu_threads must be >= 0, got {t.cpu_threads}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _require(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")

@@ -79,6 +79,8 @@ class Trainer:
         t = cfg.train
         kernels.set_backend(t.backend)
         self.device = resolve_device(t.device)
+        if self.device.type == "cpu" and t.cpu_threads:
+            torch.set_num_threads(t.cpu_threads)
         torch.manual_seed(t.seed)
         self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
