@@ -15,19 +15,17 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """Redraws one line on a terminal; prints one line per update elsewhere (logs, CI)."""
 
-    def __init__(self, total_steps: int, stream=None, enabled: bool = True):
+    def __init__(self, total_steps: int, stream=None, enabled: bool = True, start_step: int = 0):
         self.total = total_steps
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
-        self.start_step = None
+        self.start_step = start_step
 
     def update(self, step: int, epoch: int, epochs: int, fields: dict[str, str]) -> None:
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.start = step, time.perf_counter()
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start
         eta = elapsed / done * (self.total - step) if done > 0 else 0.0

@@ -97,7 +97,8 @@ class Trainer:
         if resume:
             self._resume()
         (self.run_dir / "config.toml").write_text(to_toml(cfg))
-        self.progress = Progress(t.epochs * self.data.steps_per_epoch, enabled=show_progress)
+        self.progress = Progress(t.epochs * self.data.steps_per_epoch, enabled=show_progress,
+                                 start_step=self.start_epoch * self.data.steps_per_epoch)
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
 
     # ------------------------------------------------------------------ state
