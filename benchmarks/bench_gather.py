@@ -19,9 +19,9 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import Row, ProviderUnavailable, bench, device_roofline, environment, to_json, to_markdown
+from benchmarks.harness import (Row, bench, device_roofline, environment, guard_compile, guard_triton, to_json,
+                                to_markdown)
 from kernels import embed_visible_patches, gather_tokens, scatter_tokens
-from kernels._backend import triton_usable
 from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
 from kernels.gather_tokens import gather_tokens_ref, gather_tokens_triton
 from kernels.scatter_tokens import scatter_tokens_ref, scatter_tokens_triton
@@ -80,25 +80,6 @@ def _compiled(fn: Callable, backend: str) -> Callable:
     return torch.compile(fn, backend=backend, dynamic=False)
 
 
-def _guard_compile(factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
-    """torch.compile may be unable to run (no C++ compiler on CPU, unsupported GPU): skip, saying why."""
-    def guarded(mode: str) -> Callable[[], object]:
-        try:
-            step = factory(mode)
-            step()
-        except Exception as exc:  # noqa: BLE001 - any compile failure means "not available here"
-            raise ProviderUnavailable(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        return step
-    return guarded
-
-
-def _guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
-    def guarded(mode: str) -> Callable[[], object]:
-        ok, why = triton_usable(torch.device(device))
-        if not ok:
-            raise ProviderUnavailable(why)
-        return factory(mode)
-    return guarded
 
 
 def _gather_case(s: Shape, device, compile_backend: str):
@@ -107,9 +88,9 @@ def _gather_case(s: Shape, device, compile_backend: str):
     compiled = _compiled(gather_tokens_ref, compile_backend)
     providers = {
         "reference": _steps(lambda: gather_tokens_ref(x, ids), [x]),
-        "compile": _guard_compile(_steps(lambda: compiled(x, ids), [x])),
-        "triton": _guard_triton(device, _steps(lambda: gather_tokens_triton(x, ids), [x])),
-        "triton_api": _guard_triton(device, _steps(lambda: gather_tokens(x, ids, backend="triton"), [x])),
+        "compile": guard_compile(_steps(lambda: compiled(x, ids), [x])),
+        "triton": guard_triton(device, _steps(lambda: gather_tokens_triton(x, ids), [x])),
+        "triton_api": guard_triton(device, _steps(lambda: gather_tokens(x, ids, backend="triton"), [x])),
     }
     e, kept = x.element_size(), s.batch * s.num_keep * s.dim
     fwd = 2 * kept * e + ids.numel() * ids.element_size()
@@ -125,9 +106,9 @@ def _scatter_case(s: Shape, device, compile_backend: str):
     compiled = _compiled(scatter_tokens_ref, compile_backend)
     providers = {
         "reference": _steps(lambda: scatter_tokens_ref(x_vis, ids, L, fill), [x_vis, fill]),
-        "compile": _guard_compile(_steps(lambda: compiled(x_vis, ids, L, fill), [x_vis, fill])),
-        "triton": _guard_triton(device, _steps(lambda: scatter_tokens_triton(x_vis, ids, L, fill), [x_vis, fill])),
-        "triton_api": _guard_triton(
+        "compile": guard_compile(_steps(lambda: compiled(x_vis, ids, L, fill), [x_vis, fill])),
+        "triton": guard_triton(device, _steps(lambda: scatter_tokens_triton(x_vis, ids, L, fill), [x_vis, fill])),
+        "triton_api": guard_triton(
             device, _steps(lambda: scatter_tokens(x_vis, ids, L, fill, backend="triton"), [x_vis, fill])),
     }
     e, kept, full_size = x_vis.element_size(), s.batch * s.num_keep * s.dim, s.batch * L * s.dim
@@ -153,9 +134,9 @@ def _embed_case(s: Shape, device, compile_backend: str):
     compiled = _compiled(embed_visible_patches_ref, compile_backend)
     providers = {
         "reference": _steps(lambda: embed_visible_patches_ref(*args), leaves),
-        "compile": _guard_compile(_steps(lambda: compiled(*args), leaves)),
-        "triton": _guard_triton(device, _steps(lambda: embed_visible_patches_triton(*args), leaves)),
-        "triton_api": _guard_triton(device, _steps(lambda: embed_visible_patches(*args, backend="triton"), leaves)),
+        "compile": guard_compile(_steps(lambda: compiled(*args), leaves)),
+        "triton": guard_triton(device, _steps(lambda: embed_visible_patches_triton(*args), leaves)),
+        "triton_api": guard_triton(device, _steps(lambda: embed_visible_patches(*args, backend="triton"), leaves)),
         "embed_all_then_gather": _steps(lambda: _embed_all_then_gather(*args), leaves),
     }
     e = imgs.element_size()

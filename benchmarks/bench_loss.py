@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import Row, ProviderUnavailable, bench, device_roofline, environment, to_json, to_markdown
+from benchmarks.harness import (Row, bench, device_roofline, environment, guard_compile, guard_triton, to_json,
+                                to_markdown)
 from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
-from kernels._backend import triton_usable
 from kernels.patch_loss import patch_loss_ref, patch_loss_triton
 from kernels.relative_loss import relative_loss_ref, relative_loss_triton
 
@@ -84,25 +84,6 @@ def _steps(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> C
     return factory
 
 
-def _guard_compile(factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
-    """torch.compile may be unable to run here (no C++ compiler, unsupported GPU): skip, saying why."""
-    def guarded(mode: str) -> Callable[[], object]:
-        try:
-            step = factory(mode)
-            step()
-        except Exception as exc:  # noqa: BLE001 - any compile failure means "not available here"
-            raise ProviderUnavailable(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        return step
-    return guarded
-
-
-def _guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
-    def guarded(mode: str) -> Callable[[], object]:
-        ok, why = triton_usable(torch.device(device))
-        if not ok:
-            raise ProviderUnavailable(why)
-        return factory(mode)
-    return guarded
 
 
 def _compiled(fn: Callable, backend: str) -> Callable:
@@ -117,9 +98,9 @@ def _patch_loss_case(s: Shape, device, compile_backend: str):
     args = (pred, target, mask, True, 1e-6)
     providers = {
         "reference": _steps(lambda: patch_loss_ref(*args)[0], [pred]),
-        "compile": _guard_compile(_steps(lambda: compiled(*args)[0], [pred])),
-        "triton": _guard_triton(device, _steps(lambda: patch_loss_triton(*args)[0], [pred])),
-        "triton_api": _guard_triton(device, _steps(lambda: patch_loss(*args, backend="triton")[0], [pred])),
+        "compile": guard_compile(_steps(lambda: compiled(*args)[0], [pred])),
+        "triton": guard_triton(device, _steps(lambda: patch_loss_triton(*args)[0], [pred])),
+        "triton_api": guard_triton(device, _steps(lambda: patch_loss(*args, backend="triton")[0], [pred])),
     }
     # minimal traffic: read pred and target once, read mask and write per_patch, [write grad_pred]
     n, rows = pred.numel(), s.batch * s.num_patches
@@ -133,9 +114,9 @@ def _relative_loss_case(s: Shape, device, compile_backend: str):
     compiled = _compiled(relative_loss_ref, compile_backend)
     providers = {
         "reference": _steps(lambda: relative_loss_ref(score, true_loss, True), [score]),
-        "compile": _guard_compile(_steps(lambda: compiled(score, true_loss, True), [score])),
-        "triton": _guard_triton(device, _steps(lambda: relative_loss_triton(score, true_loss, True), [score])),
-        "triton_api": _guard_triton(device, _steps(lambda: relative_loss(score, true_loss, backend="triton"),
+        "compile": guard_compile(_steps(lambda: compiled(score, true_loss, True), [score])),
+        "triton": guard_triton(device, _steps(lambda: relative_loss_triton(score, true_loss, True), [score])),
+        "triton_api": guard_triton(device, _steps(lambda: relative_loss(score, true_loss, backend="triton"),
                                                    [score])),
     }
     # O(B*M): read scores and true losses, [write the scores' gradient]; the M*M pairs stay on chip
@@ -168,12 +149,12 @@ def _masking_cases(s: Shape, device, compile_backend: str):
     random_providers = {
         "reference": lambda mode: lambda: random_masking(s.batch, s.num_patches, ratio, device=device),
         "argsort_twice": lambda mode: lambda: _argsort_twice(s.batch, s.num_patches, keep, device),
-        "compile": _guard_compile(lambda mode: draw),
+        "compile": guard_compile(lambda mode: draw),
     }
     hard_providers = {
         "reference": lambda mode: lambda: hard_patch_masking(score, ratio, num_hard),
         "argsort_twice": lambda mode: lambda: _hard_argsort_twice(score, keep, num_hard),
-        "compile": _guard_compile(lambda mode: hard),
+        "compile": guard_compile(lambda mode: hard),
     }
     # minimal traffic: write ids_keep, ids_restore (int64) and the mask; read the scores
     out = s.batch * (keep * 8 + s.num_patches * 9)

@@ -242,3 +242,27 @@ def environment() -> dict:
         "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def guard_compile(factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
+    """torch.compile may be unable to run here (no C++ compiler, unsupported GPU): skip, saying why."""
+    def guarded(mode: str) -> Callable[[], object]:
+        try:
+            step = factory(mode)
+            step()
+        except Exception as exc:  # noqa: BLE001 - any compile failure means "not available here"
+            raise ProviderUnavailable(f"torch.compile failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        return step
+    return guarded
+
+
+def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
+    """Skip the Triton provider, saying why, where Triton cannot run on ``device``."""
+    from kernels._backend import triton_usable
+
+    def guarded(mode: str) -> Callable[[], object]:
+        ok, why = triton_usable(torch.device(device))
+        if not ok:
+            raise ProviderUnavailable(why)
+        return factory(mode)
+    return guarded
