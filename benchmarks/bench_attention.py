@@ -22,14 +22,13 @@ At N = 50 the op is memory-bound (intensity N/2 FLOP/B), so grade it by GB/s and
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Row, ProviderUnavailable, bench, device_roofline, environment, to_json, to_markdown
+from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
 from kernels._backend import triton_usable
 from kernels.sparse_attention import sparse_attention, sparse_attention_ref
 
@@ -260,25 +259,10 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default on CPU)")
-    parser.add_argument("--cases", nargs="+", help="case names to run (default: all)")
-    parser.add_argument("--json", help="also write the rows and environment to this file")
-    args = parser.parse_args(argv)
-    tiny = args.tiny or torch.device(args.device).type == "cpu"
-    env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, names=args.cases)
-    print(f"# sparse attention on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}, {env['date']})")
-    print(f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s, {roof['matmul_dtype']} matmul "
-          f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / measured time\n")
-    print(to_markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
-
+    cli_main("sparse attention", __doc__.splitlines()[0], run,
+             lambda roof: (f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s, {roof['matmul_dtype']} matmul "
+                               f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / measured time"),
+             select="names", flag="cases", argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,6 @@ cases; a tiny fp32 case on CPU (Triton under the interpreter: the numbers only c
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.harness import Row, ProviderUnavailable, bench, device_roofline, environment, to_json, to_markdown
+from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
 from kernels._backend import triton_usable
 from kernels.info_nce import info_nce, info_nce_ref
 from kernels.nt_xent import nt_xent, nt_xent_ref
@@ -202,25 +201,10 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default on CPU)")
-    parser.add_argument("--json", help="also write the rows and environment to this file")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    args = parser.parse_args(argv)
-    tiny = args.tiny or torch.device(args.device).type == "cpu"
-    env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, families=args.families)
-    print(f"# contrastive family on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}, {env['date']})")
-    print(f"measured {roof['matmul_dtype']} matmul {roof['matmul_tflops']:.2f} TFLOP/s; roofline = time at that "
-          "rate for the minimal FLOPs / measured time; peak MiB = extra memory of one step\n")
-    print(to_markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
-
+    cli_main("contrastive family", __doc__.splitlines()[0], run,
+             lambda roof: (f"measured {roof['matmul_dtype']} matmul {roof['matmul_tflops']:.2f} TFLOP/s; roofline = "
+                               "time at that rate for the minimal FLOPs / measured time; peak MiB = extra memory of one step"),
+             choices=FAMILIES, argv=argv)
 
 if __name__ == "__main__":
     main()

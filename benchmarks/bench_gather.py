@@ -13,14 +13,12 @@ case on CPU, where Triton runs under the interpreter and the numbers only check 
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from benchmarks.harness import (Row, bench, device_roofline, environment, guard_compile, guard_triton, to_json,
-                                to_markdown)
+from benchmarks.harness import Row, bench, cli_main, guard_compile, guard_triton
 from kernels import embed_visible_patches, gather_tokens, scatter_tokens
 from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
 from kernels.gather_tokens import gather_tokens_ref, gather_tokens_triton
@@ -163,25 +161,10 @@ def run(device, tiny: bool, *, warmup: int = 10, rep: int = 50, families=FAMILIE
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default on CPU)")
-    parser.add_argument("--json", help="also write the rows and environment to this file")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    args = parser.parse_args(argv)
-    tiny = args.tiny or torch.device(args.device).type == "cpu"
-    env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, families=args.families)
-    print(f"# gathering family on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}, {env['date']})")
-    print(f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s, {roof['matmul_dtype']} matmul "
-          f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / measured time\n")
-    print(to_markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
-
+    cli_main("gathering family", __doc__.splitlines()[0], run,
+             lambda roof: (f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s, {roof['matmul_dtype']} matmul "
+                               f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / measured time"),
+             choices=FAMILIES, argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -22,14 +22,12 @@ fp32 case on CPU, where Triton runs under the interpreter and the numbers only c
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from benchmarks.harness import (Row, bench, device_roofline, environment, guard_compile, guard_triton, to_json,
-                                to_markdown)
+from benchmarks.harness import Row, bench, cli_main, guard_compile, guard_triton
 from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
 from kernels.patch_loss import patch_loss_ref, patch_loss_triton
 from kernels.relative_loss import relative_loss_ref, relative_loss_triton
@@ -182,25 +180,10 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default on CPU)")
-    parser.add_argument("--json", help="also write the rows and environment to this file")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    args = parser.parse_args(argv)
-    tiny = args.tiny or torch.device(args.device).type == "cpu"
-    env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, families=args.families)
-    print(f"# loss-prediction family on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}, {env['date']})")
-    print(f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s; roofline = minimal traffic at that rate / "
-          "measured time\n")
-    print(to_markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
-
+    cli_main("loss-prediction family", __doc__.splitlines()[0], run,
+             lambda roof: (f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s; roofline = minimal traffic at "
+                               "that rate / measured time"),
+             choices=FAMILIES, argv=argv)
 
 if __name__ == "__main__":
     main()

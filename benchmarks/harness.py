@@ -266,3 +266,31 @@ def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Call
             raise ProviderUnavailable(why)
         return factory(mode)
     return guarded
+
+
+def cli_main(title: str, description: str, run: Callable, roofline_note: Callable[[dict], str], *,
+             select: str = "families", flag: str | None = None, choices: Iterable[str] | None = None,
+             argv: list[str] | None = None) -> None:
+    """The command line every ``bench_<family>.py`` shares: run, print a Markdown table headed by the
+    environment and the measured rooflines, optionally write JSON. ``run(device, tiny, **{select: names})``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default on CPU)")
+    parser.add_argument("--json", help="also write the rows and environment to this file")
+    choices = list(choices) if choices is not None else None
+    parser.add_argument(f"--{flag or select}", dest=select, nargs="+", choices=choices, default=choices,
+                        help=f"which {flag or select} to run (default: all)")
+    args = parser.parse_args(argv)
+    tiny = args.tiny or torch.device(args.device).type == "cpu"
+    env = environment()
+    roof = device_roofline(args.device)
+    rows = run(args.device, tiny, **{select: getattr(args, select)})
+    print(f"# {title} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+          f"commit {env['git_commit']}, {env['date']})")
+    print(roofline_note(roof) + "\n")
+    print(to_markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
