@@ -7,7 +7,13 @@ Providers:
     flex            torch.compile(flex_attention) with a block mask from the order / sample ids (CUDA only)
     xformers        xformers.ops.memory_efficient_attention (BlockDiagonalMask when packed; CUDA only)
     varlen          torch.nn.attention.varlen.varlen_attn (packed case only; CUDA only)
-    triton          sparse_attention(backend="triton")
+    triton          sparse_attention(backend="triton") ("ours" in kernels.attention)
+    auto            kernels.attention(backend="auto"): SDPA on CPU; on CUDA the backend it measured fastest for
+                    the case (the choice is printed; the measuring happens before timing); unlike the rows
+                    above, the masks and padding it builds are timed: that is what the ViT pays per call
+FlexAttention and xformers are skipped, with the reason in the log and "skipped" in the table, where they cannot
+run: on CPU (FlexAttention has no CPU backward and its eager CPU path says nothing about speed; xformers is CUDA
+only), where xformers is not installed, or where torch.compile fails.
 Masks reach SDPA as a boolean [B, 1, N, N] tensor; packed samples reach SDPA, flash/efficient/cuDNN as a padded
 batch with a key-padding mask (padding not timed) and FlexAttention as one long sequence with a same-sample mask.
 Block masks are built once per case, outside the timed region (SemAIM draws a new order per step: a real
@@ -22,6 +28,8 @@ At N = 50 the op is memory-bound (intensity N/2 FLOP/B), so grade it by GB/s and
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,9 +38,11 @@ import torch.nn.functional as F
 
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
 from kernels._backend import triton_usable
+from kernels.attention import _xformers_order_bias, attention, auto_choices
 from kernels.sparse_attention import sparse_attention, sparse_attention_ref
 
-PROVIDERS = ("reference", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "xformers", "triton")
+PROVIDERS = ("reference", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "xformers", "triton",
+             "auto")
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION"}
 
@@ -180,21 +190,29 @@ def _flex(x: Inputs, c: Case, device):
     return _steps(lambda: compiled(q, k, v, block_mask=mask), [q, k, v])
 
 
-def _xformers(x: Inputs, c: Case):
+def _xformers_import_error() -> str | None:
+    if importlib.util.find_spec("xformers") is None:
+        return "xformers is not installed (pip install xformers; CUDA only)"
     try:
-        from xformers.ops import fmha, memory_efficient_attention
-    except Exception as exc:  # noqa: BLE001 - missing or broken install
-        return _unavailable(f"xformers not importable: {type(exc).__name__}: {str(exc)[:120]}")
+        import xformers.ops  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - broken install (ABI, CUDA runtime)
+        return f"xformers not importable: {type(exc).__name__}: {str(exc)[:120]}"
+    return None
+
+
+def _xformers(x: Inputs, c: Case):
+    why = _xformers_import_error()
+    if why:
+        return _unavailable(why)
+    from xformers.ops import fmha, memory_efficient_attention
+
     if c.kind == "packed":
         bias = fmha.BlockDiagonalMask.from_seqlens(list(c.lengths))
         q, k, v = _leaves(*(t[None] for t in (x.q, x.k, x.v)))  # [1, T, H, Dh]
     else:
         bias = None
         if c.kind == "order":
-            order = x.kwargs["order"]
-            visible = order[:, None, None, :] <= order[:, None, :, None]
-            bias = torch.zeros(visible.shape, device=x.q.device, dtype=x.q.dtype).masked_fill(~visible, float("-inf"))
-            bias = bias.expand(-1, c.heads, -1, -1)
+            bias, _ = _xformers_order_bias(x.kwargs["order"], False, c.heads, x.q.dtype)  # rows 8-aligned
         q, k, v = _leaves(*(t.transpose(1, 2) for t in (x.q, x.k, x.v)))  # [B, N, H, Dh]
     return _steps(lambda: memory_efficient_attention(q, k, v, attn_bias=bias), [q, k, v])
 
@@ -220,13 +238,29 @@ def providers_for(c: Case, x: Inputs, device) -> dict:
     }
     for name, backend_name in SDPA_BACKENDS.items():
         providers[name] = _sdpa(x, c, backend_name) if cuda else _unavailable("needs CUDA")
-    providers["flex"] = _flex(x, c, device) if cuda else _unavailable("FlexAttention is benchmarked on CUDA only")
-    providers["xformers"] = _xformers(x, c) if cuda else _unavailable("xformers attention is CUDA only")
+    providers["flex"] = (_flex(x, c, device) if cuda else
+                         _unavailable("FlexAttention is benchmarked on CUDA only (no CPU backward in torch)"))
+    providers["xformers"] = (_xformers(x, c) if cuda else
+                             _unavailable(_xformers_import_error() or "xformers attention is CUDA only"))
     if c.kind == "packed":
         providers["varlen"] = _varlen(x, c) if cuda else _unavailable("varlen_attn is CUDA only")
     providers["triton"] = (_steps(lambda: sparse_attention(qt, kt, vt, backend="triton", **x.kwargs), [qt, kt, vt])
                            if triton_ok else _unavailable(why))
+    providers["auto"] = _auto(x, c)
     return providers
+
+
+def _auto(x: Inputs, c: Case):
+    qa, ka, va = _leaves(x.q, x.k, x.v)
+    factory = _steps(lambda: attention(qa, ka, va, backend="auto", **x.kwargs), [qa, ka, va])
+
+    def reporting(mode: str):
+        before = set(auto_choices().items())
+        step = factory(mode)
+        for key, choice in set(auto_choices().items()) - before:
+            print(f"[bench] {c.name} ({mode}): auto picked {choice!r} for {key}", file=sys.stderr)
+        return step
+    return reporting
 
 
 def traffic_and_flops(c: Case, x: Inputs) -> tuple[dict, dict]:
@@ -261,7 +295,8 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
 def main(argv: list[str] | None = None) -> None:
     cli_main("sparse attention", __doc__.splitlines()[0], run,
              lambda roof: (f"measured copy bandwidth {roof['copy_gbps']:.1f} GB/s, {roof['matmul_dtype']} matmul "
-                               f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / measured time"),
+                           f"{roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at those rates / "
+                           "measured time"),
              select="names", flag="cases", argv=argv)
 
 if __name__ == "__main__":

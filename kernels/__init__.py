@@ -6,6 +6,7 @@ CUDA at import time.
 """
 from ._backend import BACKENDS, get_backend, set_backend, use_backend
 from ._validate import set_index_checks
+from .attention import ATTENTION_BACKENDS, BackendUnavailable, attention, check_attention_backend
 from .embed_visible_patches import embed_visible_patches
 from .gather_tokens import gather_tokens
 from .hard_patch_masking import hard_patch_masking
@@ -23,4 +24,5 @@ __all__ = [
     "Masking", "random_masking", "hard_patch_masking",
     "gather_tokens", "scatter_tokens", "patchify", "unpatchify", "embed_visible_patches",
     "patch_loss", "relative_loss", "info_nce", "nt_xent", "sparse_attention",
+    "attention", "ATTENTION_BACKENDS", "BackendUnavailable", "check_attention_backend",
 ]

@@ -19,9 +19,10 @@ from .vit import Block, VisionTransformer, init_mae_weights, sincos_pos_embed
 class DecoderStack(nn.Module):
     """Transformer blocks, a LayerNorm and a linear head; the cls output is dropped."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, out_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, depth: int, num_heads: int, out_dim: int, mlp_ratio: float = 4.0,
+                 attn_backend: str = "auto"):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
         init_mae_weights(self)
@@ -39,15 +40,15 @@ class MaskedAutoencoder(nn.Module):
         self.patch_size = cfg.patch_size
         self.in_chans = cfg.in_chans
         self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, width, depth, heads,
-                                         cfg.mlp_ratio)
+                                         cfg.mlp_ratio, cfg.attn_backend)
         self.num_patches = self.encoder.num_patches
         self.decoder_embed = nn.Linear(width, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(cfg.decoder_dim, self.encoder.grid))
         self.decoder = DecoderStack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.patch_dim,
-                                    cfg.mlp_ratio)
+                                    cfg.mlp_ratio, cfg.attn_backend)
         self.loss_predictor = (DecoderStack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.patch_dim,
-                                            cfg.mlp_ratio) if loss_predictor else None)
+                                            cfg.mlp_ratio, cfg.attn_backend) if loss_predictor else None)
         init_mae_weights(self.decoder_embed)
         nn.init.normal_(self.mask_token, std=0.02)
 

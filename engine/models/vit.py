@@ -38,17 +38,28 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int):
+    """Multi-head self-attention through ``kernels.attention`` (``backend``: auto | ours | sdpa | flex | xformers |
+    reference). ``x`` is [B, N, D], or packed [T, D] with ``cu_seqlens``; ``order``/``strict`` give SemAIM's
+    per-sample order mask (see ``kernels.sparse_attention``)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = kernels.check_attention_backend(backend, "attn_backend")
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, order: torch.Tensor | None = None, strict: bool = False,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None) -> torch.Tensor:
+        if x.dim() == 2:  # packed samples [T, D]
+            tokens, dim = x.shape
+            q, k, v = self.qkv(x).reshape(tokens, 3, self.num_heads, dim // self.num_heads).unbind(1)
+            out = kernels.attention(q, k, v, backend=self.backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            return self.proj(out.reshape(tokens, dim))
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # each [B, H, N, Dh]
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = kernels.attention(q, k, v, backend=self.backend, order=order, strict=strict)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -63,15 +74,16 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x: torch.Tensor, **attn_masks) -> torch.Tensor:
+        """``attn_masks``: Attention's order / strict / cu_seqlens / max_seqlen."""
+        x = x + self.attn(self.norm1(x), **attn_masks)
         return x + self.mlp(self.norm2(x))
 
 
@@ -91,7 +103,7 @@ class VisionTransformer(nn.Module):
     """ViT encoder; ``forward(imgs, ids_keep)`` returns [B, 1 + K, D] (cls first), normalised."""
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0):
+                 num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
@@ -100,7 +112,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.grid))  # frozen, as in MAE
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         init_mae_weights(self)
         w = self.patch_embed.weight.data
