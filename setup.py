@@ -6,8 +6,11 @@ Environment flags (flash-attention's pattern):
     SSL_SKIP_CUDA_BUILD=1    never build it
     SSL_CUDA_ARCHS="90a;80"  target architectures (default 90a)
 A missing toolchain is a warning, never a failure: everything runs without the extension.
+How it is built (nvcc for csrc/*.cu, the host compiler for the torch binding, linked with libcudart) is in
+kernels/_cuda.py, which also builds it on first use (JIT) where the package was installed without it.
 """
 import glob
+import importlib.util
 import os
 import warnings
 
@@ -20,30 +23,50 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes")
 
 
+def _cuda_helper():
+    """kernels/_cuda.py loaded by path: importing the kernels package would need its dependencies."""
+    spec = importlib.util.spec_from_file_location("_ssl_cuda_build", os.path.join(HERE, "kernels", "_cuda.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if _flag("SSL_SKIP_CUDA_BUILD") or not sources:
         return [], {}
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         warnings.warn("PyTorch is not importable at build time: skipping the CUDA extension")
         return [], {}
     wanted = _flag("SSL_FORCE_CUDA_BUILD") or (torch.version.cuda is not None and torch.cuda.is_available())
     if not wanted:
         return [], {}
-    if CUDA_HOME is None:
-        warnings.warn("no CUDA toolchain found (CUDA_HOME unset): skipping the CUDA extension")
+    helper = _cuda_helper()
+    home = helper.cuda_home()
+    if home is None:
+        warnings.warn("no CUDA toolchain found (nvcc; set CUDA_HOME): skipping the CUDA extension")
         return [], {}
-    archs = os.environ.get("SSL_CUDA_ARCHS", "90a").split(";")
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    ext = CUDAExtension(
-        name="kernels._C",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math", *gencode]},
-    )
-    return [ext], {"build_ext": BuildExtension}
+    # The .cu files need no torch header: nvcc compiles them (build_ext below) and the binding, an ordinary
+    # C++ torch extension, links the objects. CUDAExtension is not used: the CPU build of torch has no CUDA home.
+    ext = CppExtension(name="kernels._C", sources=["csrc/bindings.cpp"], include_dirs=["csrc"],
+                       extra_compile_args=["-O2"], extra_link_args=helper.link_args(home))
+
+    class BuildWithNvcc(BuildExtension):
+        def build_extension(self, extension):
+            if extension.name != "kernels._C":
+                return super().build_extension(extension)
+            try:
+                objects = helper.build_objects(os.path.join(os.path.abspath(self.build_temp), "cuda_objects"),
+                                               home=home, verbose=True)
+                extension.extra_objects = [*extension.extra_objects, *objects]
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - never fail the install over the optional extension
+                warnings.warn(f"building the CUDA extension kernels._C failed, continuing without it: {exc}")
+
+    return [ext], {"build_ext": BuildWithNvcc}
 
 
 ext_modules, cmdclass = cuda_extensions()

@@ -8,6 +8,8 @@ Providers:
   input dtype, each chunk checkpointed so only one chunk of logits is alive; the logits still go
   through HBM (written, read, recomputed in the backward).
 - "triton": the public op with backend="triton" (tiles in SRAM, only the row statistics in HBM).
+- "cuda": the public op with backend="cuda" (csrc/lse.cu: cuBLAS logits in blocks of rows through HBM, hand-written
+  log-sum-exp and gradient-weight kernels); info_nce only, skipped with the reason where the extension is unavailable.
 Materialising providers are skipped (with the reason printed) where the logits would not fit in memory.
 
 Modes "fwd" and "full" (forward + backward). FLOPs are the minimal dense work of the op, so TFLOP/s and the
@@ -32,12 +34,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
+from kernels import _cuda
 from kernels._backend import triton_usable
 from kernels.info_nce import info_nce, info_nce_ref
 from kernels.nt_xent import nt_xent, nt_xent_ref
 
 FAMILIES = ("info_nce", "info_nce_symmetric", "nt_xent")
-PROVIDERS = ("reference", "compile", "chunked", "triton")
+PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda")
 TEMPERATURE = 0.07
 CHUNK = 1024
 
@@ -156,6 +159,17 @@ def _guard_triton(device, factory):
     return guarded
 
 
+def _guard_cuda(device, factory):
+    def guarded(mode: str):
+        if factory is None:
+            raise ProviderUnavailable("no CUDA kernel for this op")
+        ok, why = _cuda.usable(device)
+        if not ok:
+            raise ProviderUnavailable(why)
+        return factory(mode)
+    return guarded
+
+
 def _case(family: str, s: Shape, device, compile_backend: str):
     kw = dict(device=device, dtype=s.dtype, requires_grad=True)
     a, b = torch.randn(s.n, s.dim, **kw), torch.randn(s.n, s.dim, **kw)
@@ -163,6 +177,7 @@ def _case(family: str, s: Shape, device, compile_backend: str):
     if family == "nt_xent":
         ref, chunked = (lambda: nt_xent_ref(a, b, t)), (lambda: nt_xent_chunked(a, b, t))
         fast = lambda: nt_xent(a, b, t, backend="triton")  # noqa: E731
+        cuda = None  # no CUDA kernel for nt_xent
         compiled_ref, matrix = torch.compile(nt_xent_ref, backend=compile_backend, dynamic=False), 2 * s.n
         compiled = lambda: compiled_ref(a, b, t)  # noqa: E731
     else:
@@ -170,6 +185,7 @@ def _case(family: str, s: Shape, device, compile_backend: str):
         ref = lambda: info_nce_ref(a, b, t, True, sym)  # noqa: E731
         chunked = lambda: info_nce_chunked(a, b, t, sym)  # noqa: E731
         fast = lambda: info_nce(a, b, t, symmetric=sym, backend="triton")  # noqa: E731
+        cuda = lambda: info_nce(a, b, t, symmetric=sym, backend="cuda")  # noqa: E731
         compiled_ref, matrix = torch.compile(info_nce_ref, backend=compile_backend, dynamic=False), s.n
         compiled = lambda: compiled_ref(a, b, t, True, sym)  # noqa: E731
     leaves = [a, b]
@@ -179,6 +195,7 @@ def _case(family: str, s: Shape, device, compile_backend: str):
         "compile": _guard_memory(device, matrix, 3, _guard_compile(_steps(compiled, leaves))),
         "chunked": _steps(chunked, leaves),
         "triton": _guard_triton(device, _steps(fast, leaves)),
+        "cuda": _guard_cuda(device, _steps(cuda, leaves) if cuda is not None else None),
     }
     flops = 2 * matrix**2 * s.dim
     return providers, {"fwd": flops, "full": 4 * flops}

@@ -4,7 +4,9 @@ Providers: "reference" (eager PyTorch, the op's ``_ref``), "compile" (torch.comp
 reference), "triton" (the Triton implementation called directly) and "triton_api" (the public
 function with backend="triton", i.e. plus its input checks). embed_visible_patches adds
 "embed_all_then_gather", what official MAE does: a stride-p conv over all L patches, + pos, then
-a gather of the K visible ones. Modes: "fwd" and "full" (forward + backward).
+a gather of the K visible ones. gather_tokens and scatter_tokens add "cuda" (the hand-written kernel
+of csrc/; on GPUs only, skipped with the reason where the extension is unavailable). Modes: "fwd" and "full"
+(forward + backward).
 
 Shapes: MAE ViT-B/L on ImageNet (B=256, L=196, K=49, D=768 and 1024, bf16) on GPU; a tiny fp32
 case on CPU, where Triton runs under the interpreter and the numbers only check the harness.
@@ -18,11 +20,12 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import Row, bench, cli_main, guard_compile, guard_triton
+from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, guard_compile, guard_triton
+from kernels import _cuda
 from kernels import embed_visible_patches, gather_tokens, scatter_tokens
 from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
-from kernels.gather_tokens import gather_tokens_ref, gather_tokens_triton
-from kernels.scatter_tokens import scatter_tokens_ref, scatter_tokens_triton
+from kernels.gather_tokens import gather_tokens_cuda, gather_tokens_ref, gather_tokens_triton
+from kernels.scatter_tokens import scatter_tokens_cuda, scatter_tokens_ref, scatter_tokens_triton
 
 FAMILIES = ("gather_tokens", "scatter_tokens", "embed_visible_patches")
 PROVIDERS = {
@@ -30,6 +33,21 @@ PROVIDERS = {
     "scatter_tokens": ("reference", "compile", "triton", "triton_api"),
     "embed_visible_patches": ("reference", "compile", "triton", "triton_api", "embed_all_then_gather"),
 }
+# "cuda" (the csrc/ kernel, kernels._C) runs for gather_tokens and scatter_tokens on GPUs only (add_cuda): it
+# cannot run on CPU, where the wiring tests expect a timing from every provider in PROVIDERS.
+GPU_PROVIDERS = {"gather_tokens": ("cuda",), "scatter_tokens": ("cuda",)}
+
+
+def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
+    """Add the "cuda" provider where ``device`` is a GPU; skipped, saying why, if the extension is unavailable."""
+    if torch.device(device).type == "cuda":
+        def guarded(mode: str) -> Callable[[], object]:
+            ok, why = _cuda.usable(device)
+            if not ok:
+                raise ProviderUnavailable(why)
+            return factory(mode)
+        providers["cuda"] = guarded
+    return providers
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,7 @@ def _gather_case(s: Shape, device, compile_backend: str):
         "triton": guard_triton(device, _steps(lambda: gather_tokens_triton(x, ids), [x])),
         "triton_api": guard_triton(device, _steps(lambda: gather_tokens(x, ids, backend="triton"), [x])),
     }
+    add_cuda(device, providers, _steps(lambda: gather_tokens_cuda(x, ids), [x]))
     e, kept = x.element_size(), s.batch * s.num_keep * s.dim
     fwd = 2 * kept * e + ids.numel() * ids.element_size()
     bwd = kept * e + s.batch * s.num_patches * s.dim * e  # read dout, write all of dx
@@ -109,6 +128,7 @@ def _scatter_case(s: Shape, device, compile_backend: str):
         "triton_api": guard_triton(
             device, _steps(lambda: scatter_tokens(x_vis, ids, L, fill, backend="triton"), [x_vis, fill])),
     }
+    add_cuda(device, providers, _steps(lambda: scatter_tokens_cuda(x_vis, ids, L, fill), [x_vis, fill]))
     e, kept, full_size = x_vis.element_size(), s.batch * s.num_keep * s.dim, s.batch * L * s.dim
     fwd = kept * e + full_size * e
     bwd = full_size * e + kept * e  # read dout once, write dx_vis

@@ -1,9 +1,11 @@
 """Benchmarks of the loss-prediction family: patch_loss, relative_loss and the two masking draws.
 
 Providers: "reference" (eager PyTorch, the op's ``_ref``), "compile" (torch.compile of the
-reference), "triton" (the Triton implementation called directly) and "triton_api" (the public
-function with backend="triton", i.e. plus its input checks). Modes: "fwd" and "full" (forward +
-backward of the scalar loss; ``per_patch`` feeds HPM's relative loss detached, so it gets no gradient).
+reference), "triton" (the Triton implementation called directly), "triton_api" (the public
+function with backend="triton", i.e. plus its input checks) and "cuda" (the csrc/ kernel, also for the
+hard mask's top-k; on GPUs only, skipped with the reason where the extension is unavailable). Modes: "fwd"
+and "full" (forward + backward of the scalar loss; ``per_patch`` feeds HPM's relative loss detached, so it
+gets no gradient).
 
 Masking ("random_masking", "hard_patch_masking"; mode "fwd" only, they are not differentiable) has
 no Triton kernel. Providers: "reference" (the op: rand, [topk, scatter,] argsort, and the inverse
@@ -27,10 +29,11 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import Row, bench, cli_main, guard_compile, guard_triton
+from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, guard_compile, guard_triton
+from kernels import _cuda
 from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
-from kernels.patch_loss import patch_loss_ref, patch_loss_triton
-from kernels.relative_loss import relative_loss_ref, relative_loss_triton
+from kernels.patch_loss import patch_loss_cuda, patch_loss_ref, patch_loss_triton
+from kernels.relative_loss import relative_loss_cuda, relative_loss_ref, relative_loss_triton
 
 FAMILIES = ("patch_loss", "relative_loss", "masking")
 PROVIDERS = {
@@ -39,6 +42,22 @@ PROVIDERS = {
     "masking": ("reference", "argsort_twice", "compile"),
 }
 MODES = {"patch_loss": ("fwd", "full"), "relative_loss": ("fwd", "full"), "masking": ("fwd",)}
+
+
+GPU_PROVIDERS = ("cuda",)  # added on CUDA devices only (see add_cuda), so not in PROVIDERS / expected_rows
+
+
+def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
+    """Add the "cuda" provider (the csrc/ kernel) where ``device`` is a GPU; it is skipped, saying why, when
+    the extension cannot be had there. Never on CPU, where it could not run and every provider must time."""
+    if torch.device(device).type == "cuda":
+        def guarded(mode: str) -> Callable[[], object]:
+            ok, why = _cuda.usable(device)
+            if not ok:
+                raise ProviderUnavailable(why)
+            return factory(mode)
+        providers["cuda"] = guarded
+    return providers
 
 
 @dataclass(frozen=True)
@@ -100,6 +119,7 @@ def _patch_loss_case(s: Shape, device, compile_backend: str):
         "triton": guard_triton(device, _steps(lambda: patch_loss_triton(*args)[0], [pred])),
         "triton_api": guard_triton(device, _steps(lambda: patch_loss(*args, backend="triton")[0], [pred])),
     }
+    add_cuda(device, providers, _steps(lambda: patch_loss_cuda(*args)[0], [pred]))
     # minimal traffic: read pred and target once, read mask and write per_patch, [write grad_pred]
     n, rows = pred.numel(), s.batch * s.num_patches
     fwd = n * (pred.element_size() + target.element_size()) + rows * (mask.element_size() + 4)
@@ -117,6 +137,7 @@ def _relative_loss_case(s: Shape, device, compile_backend: str):
         "triton_api": guard_triton(device, _steps(lambda: relative_loss(score, true_loss, backend="triton"),
                                                    [score])),
     }
+    add_cuda(device, providers, _steps(lambda: relative_loss_cuda(score, true_loss, True), [score]))
     # O(B*M): read scores and true losses, [write the scores' gradient]; the M*M pairs stay on chip
     fwd = score.numel() * (score.element_size() + true_loss.element_size())
     return providers, {"fwd": fwd, "full": fwd + score.numel() * score.element_size()}
@@ -154,6 +175,8 @@ def _masking_cases(s: Shape, device, compile_backend: str):
         "argsort_twice": lambda mode: lambda: _hard_argsort_twice(score, keep, num_hard),
         "compile": guard_compile(lambda mode: hard),
     }
+    # the top-k selection by the csrc/ radix-select kernel (the random draw has no CUDA kernel)
+    add_cuda(device, hard_providers, lambda mode: lambda: hard_patch_masking(score, ratio, num_hard, backend="cuda"))
     # minimal traffic: write ids_keep, ids_restore (int64) and the mask; read the scores
     out = s.batch * (keep * 8 + s.num_patches * 9)
     return [("random", random_providers, {"fwd": out}),

@@ -51,13 +51,23 @@ def use_backend(name: str) -> Iterator[None]:
         set_backend(previous)
 
 
-def cuda_extension():
-    """The compiled ``kernels._C`` module, or None where it was not built."""
-    try:
-        from . import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
+# Ops whose CUDA-extension kernel ``auto`` picks over Triton on CUDA tensors: only where GPU measurements
+# (benchmarks/, RESULTS.md) show it faster. Conservative until then; an op missing here counts as False.
+CUDA_PREFERRED: dict[str, bool] = {
+    "gather_tokens": False, "scatter_tokens": False, "patch_loss": False, "relative_loss": False,
+    "hard_patch_masking": False, "info_nce": False,
+}
+
+
+def cuda_extension(build: bool = True):
+    """The CUDA extension (``kernels._C``, or its JIT build), or None where it is not available.
+
+    ``build=True`` compiles it on first use where a GPU and nvcc exist (see kernels/_cuda.py); ``build=False``
+    never compiles (what ``auto`` uses: it never waits for a build).
+    """
+    from . import _cuda
+
+    return _cuda.extension(build=build)
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:
@@ -79,7 +89,8 @@ def dispatch(op: str, backend: str | None, device: torch.device,
     """Return the implementation of ``op`` that serves ``backend`` on ``device``."""
     name = _check_name(backend if backend is not None else _default)
     if name == "auto":
-        if "cuda" in impls and device.type == "cuda" and cuda_extension() is not None:
+        if ("cuda" in impls and device.type == "cuda" and CUDA_PREFERRED.get(op, False)
+                and cuda_extension(build=False) is not None):
             return impls["cuda"]
         if "triton" in impls and device.type == "cuda" and triton_usable(device)[0]:
             return impls["triton"]
@@ -91,9 +102,11 @@ def dispatch(op: str, backend: str | None, device: torch.device,
         if not ok:
             raise RuntimeError(f"{op}: backend='triton' cannot run here: {why}")
     elif name == "cuda":
-        if cuda_extension() is None:
-            raise RuntimeError(f"{op}: backend='cuda' needs the compiled extension kernels._C, "
-                               "which is not built (see setup.py)")
         if device.type != "cuda":
             raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors, got {device.type!r}")
+        if cuda_extension(build=True) is None:
+            from ._cuda import unavailable_reason
+
+            raise RuntimeError(f"{op}: backend='cuda' needs the CUDA extension kernels._C, which is not "
+                               f"available: {unavailable_reason()} (see setup.py / kernels/_cuda.py)")
     return impls[name]

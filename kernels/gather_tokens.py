@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _cuda
 from ._backend import dispatch
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_tensor
@@ -105,7 +106,51 @@ def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tenso
     return _gather_tokens_op(x, ids_keep)
 
 
-_IMPLS = {"reference": gather_tokens_ref, "triton": gather_tokens_triton}
+# --- CUDA (csrc/gather_scatter.cu) ------------------------------------------------------------
+# The same row copies in hand-written CUDA: 16-byte loads and stores whenever D * elem is a multiple of 16
+# and the rows are aligned (narrower accesses otherwise). The backward walks dx in position order through
+# the inverse map with zero fill, as the Triton one does. x may have any batch/token strides; a last
+# dimension that is not unit-stride is copied first.
+
+@torch.library.custom_op("kernels::gather_tokens_cuda", mutates_args=())
+def _gather_tokens_cuda_op(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    x, ids_keep = _cuda.unit_last(x), ids_keep.contiguous()
+    out = _alloc((x.shape[0], ids_keep.shape[1], x.shape[2]), dtype=x.dtype, device=x.device)
+    _cuda.load().gather_rows(x, ids_keep, out, _cuda.stream(x))
+    return out
+
+
+@_gather_tokens_cuda_op.register_fake
+def _(x, ids_keep):
+    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
+
+
+@torch.library.custom_op("kernels::gather_tokens_cuda_bwd", mutates_args=())
+def _gather_tokens_cuda_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    dout = _cuda.unit_last(dout)
+    out = _alloc((dout.shape[0], num_patches, dout.shape[2]), dtype=dout.dtype, device=dout.device)
+    _cuda.load().scatter_rows(dout, inverse_positions(ids_keep, num_patches), None, out, _cuda.stream(dout))
+    return out
+
+
+@_gather_tokens_cuda_bwd_op.register_fake
+def _(dout, ids_keep, num_patches):
+    return dout.new_empty((dout.shape[0], num_patches, dout.shape[2]))
+
+
+def _cuda_backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    return _gather_tokens_cuda_bwd_op(grad, ids_keep, ctx.num_patches).to(ctx.x_dtype), None
+
+
+_gather_tokens_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+
+
+def gather_tokens_cuda(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    return _gather_tokens_cuda_op(x, ids_keep)
+
+
+_IMPLS = {"reference": gather_tokens_ref, "triton": gather_tokens_triton, "cuda": gather_tokens_cuda}
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

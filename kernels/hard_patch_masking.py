@@ -9,12 +9,44 @@ from __future__ import annotations
 
 import torch
 
+from . import _cuda
+from ._backend import dispatch, get_backend
 from ._validate import FLOAT_DTYPES, check_tensor
 from .masking import Masking, check_masking_args, masking_from_noise
 
 
+def top_patches_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] positions of the k highest scores of each row (compared in fp32).
+
+    Tie rule, shared by every backend so that they select the same set: a higher score first, then the lower
+    position (a stable descending sort); NaN ranks above +inf and -0.0 equals +0.0 (torch.sort's order).
+    torch.topk leaves ties at the boundary to its implementation (CPU and CUDA may differ), so it is not used.
+    """
+    return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :k]
+
+
+# CUDA (csrc/topk.cu): radix select per row (no sort), the same tie rule; positions in ascending order.
+@torch.library.custom_op("kernels::top_patches_cuda", mutates_args=())
+def _top_patches_cuda_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.empty(scores.shape[0], k, device=scores.device, dtype=torch.int64)
+    _cuda.load().row_topk(scores, k, out, _cuda.stream(scores))
+    return out
+
+
+@_top_patches_cuda_op.register_fake
+def _(scores, k):
+    return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
+
+
+def top_patches_cuda(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return _top_patches_cuda_op(scores, k)
+
+
+_IMPLS = {"reference": top_patches_ref, "cuda": top_patches_cuda}
+
+
 def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: int,
-                       generator: torch.Generator | None = None) -> Masking:
+                       generator: torch.Generator | None = None, *, backend: str | None = None) -> Masking:
     """Mask the ``num_hard`` highest-scored patches of each row, plus random others.
 
     Args:
@@ -23,6 +55,8 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
         num_hard: how many of the masked patches are the top-scored ones; 0 gives a
             plain random mask. At most the number of masked patches.
         generator: random generator on ``pred_score``'s device.
+        backend: who selects the top-scored patches ("reference": a stable sort; "cuda": radix select);
+            both apply the tie rule of ``top_patches_ref``.
     """
     check_tensor("pred_score", pred_score, ndim=2, dtypes=FLOAT_DTYPES)
     batch, num_patches = pred_score.shape
@@ -33,6 +67,9 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
                          f"patches), got {num_hard}")
     noise = torch.rand(batch, num_patches, generator=generator, device=pred_score.device)
     if num_hard > 0:
-        hard = torch.topk(pred_score.detach().float(), int(num_hard), dim=1).indices
+        if backend is None:  # a process-wide default this op lacks (e.g. "triton") means "auto" here
+            backend = get_backend() if get_backend() in _IMPLS else "auto"
+        select = dispatch("hard_patch_masking", backend, pred_score.device, _IMPLS)
+        hard = select(pred_score.detach(), int(num_hard))
         noise.scatter_(1, hard, 2.0)
     return masking_from_noise(noise, keep)

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from . import _cuda
 from ._backend import dispatch, get_backend
 from ._triton import INTERPRET, tl, triton
 from ._validate import FLOAT_DTYPES, check_shape, check_tensor
@@ -427,7 +428,128 @@ def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) 
     return loss
 
 
-_IMPLS = {"reference": info_nce_ref, "triton": info_nce_triton}
+# ----------------------------------------------------------------------------------------------
+# CUDA (csrc/lse.cu): cuBLAS logits, hand-written softmax statistics. The matmuls are torch.mm (cuBLAS on
+# tensor cores, fp32 accumulation and fp32 output), one block of at most _CUDA_CHUNK_ELEMENTS logits at a
+# time; the kernels compute the row lse and the positive logit, the column lse per segment of rows (merged
+# with logsumexp) and, in the backward, the gradient weights W in fp32, rounded once to the input dtype for
+# dQ = scale W K and dK = scale W^T Q (two more cuBLAS matmuls). Unlike the Triton kernels the logits go
+# through HBM (written once, read once or twice per pass), so this wins only where that traffic is cheap
+# (small N); it has no limit on d. Same custom-op outputs as kernels::info_nce_lse, same setup_context.
+# ----------------------------------------------------------------------------------------------
+_CUDA_CHUNK_ELEMENTS = 1 << 27   # 512 MiB of fp32 logits per block of rows
+_CUDA_COL_SEGMENT = 64            # rows per partial column lse
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: fp16/bf16 inputs on tensor cores with fp32 accumulation, output not rounded."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # a torch without mm's out_dtype overload
+        return a.float() @ b.float()
+
+
+def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
+    step = max(1, min(rows, _CUDA_CHUNK_ELEMENTS // max(cols, 1)))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+@torch.library.custom_op("kernels::info_nce_lse_cuda", mutates_args=())
+def info_nce_lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels::info_nce_lse on the CUDA extension: (row lse, column lse or [0], positive logits), fp32."""
+    ext, stream = _cuda.load(), _cuda.stream(q)
+    q, k = q.contiguous(), k.contiguous()
+    scale32 = scale.detach().float().contiguous()
+    num_rows, num_cols = q.shape[0], k.shape[0]
+    row = torch.empty(num_rows, device=q.device, dtype=torch.float32)
+    pos = torch.empty(num_rows, device=q.device, dtype=torch.float32)
+    col = None
+    for start, end in _row_blocks(num_rows, num_cols):
+        logits = _mm_fp32(q[start:end], k.t())
+        ext.lse_rows(logits, scale32, row[start:end], pos[start:end], pos_offset + start, stream)
+        if with_col:
+            part = torch.empty((-(-(end - start) // _CUDA_COL_SEGMENT), num_cols), device=q.device,
+                               dtype=torch.float32)
+            ext.lse_cols(logits, scale32, _CUDA_COL_SEGMENT, part, stream)
+            part = part.logsumexp(0)
+            col = part if col is None else torch.logaddexp(col, part)
+    return row, (col if col is not None else q.new_empty(0, dtype=torch.float32)), pos
+
+
+@info_nce_lse_cuda.register_fake
+def _(q, k, scale, with_col, pos_offset):
+    rows = q.new_empty(q.shape[0], dtype=torch.float32)
+    return rows, q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32), torch.empty_like(rows)
+
+
+@torch.library.custom_op("kernels::info_nce_lse_cuda_bwd", mutates_args=())
+def info_nce_lse_cuda_bwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row: torch.Tensor,
+                          row_grad: Optional[torch.Tensor], pos_grad: Optional[torch.Tensor],
+                          col: Optional[torch.Tensor], col_grad: Optional[torch.Tensor], pos_offset: int,
+                          need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dq [R, d] or [0], dL/dk [C, d] or [0]) in fp32, the logits recomputed block by block."""
+    ext, stream = _cuda.load(), _cuda.stream(q)
+    q, k = q.contiguous(), k.contiguous()
+    scale32 = scale.detach().float().contiguous()
+    vector = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    row_grad, pos_grad, col, col_grad = vector(row_grad), vector(pos_grad), vector(col), vector(col_grad)
+    dq = torch.empty(q.shape if need_q else (0,), device=q.device, dtype=torch.float32)
+    dk = torch.zeros(k.shape if need_k else (0,), device=q.device, dtype=torch.float32)
+    for start, end in _row_blocks(q.shape[0], k.shape[0]):
+        logits = _mm_fp32(q[start:end], k.t())
+        w = torch.empty(logits.shape, device=q.device, dtype=q.dtype)
+        ext.lse_grad(logits, scale32, row[start:end], None if row_grad is None else row_grad[start:end],
+                     None if pos_grad is None else pos_grad[start:end], pos_offset + start, col, col_grad, w, stream)
+        if need_q:
+            dq[start:end] = _mm_fp32(w, k)
+        if need_k:
+            dk += _mm_fp32(w.t(), q[start:end])
+    return dq.mul_(scale32), dk.mul_(scale32)
+
+
+@info_nce_lse_cuda_bwd.register_fake
+def _(q, k, scale, row, row_grad, pos_grad, col, col_grad, pos_offset, need_q, need_k):
+    return (q.new_empty(q.shape if need_q else (0,), dtype=torch.float32),
+            k.new_empty(k.shape if need_k else (0,), dtype=torch.float32))
+
+
+def _lse_cuda_backward(ctx, grad_row, grad_col, grad_pos):
+    q, k, scale, row, col = ctx.saved_tensors
+    need_q, need_k, need_scale = ctx.needs_input_grad[:3]
+    if not (need_q or need_k or need_scale):
+        return None, None, None, None, None
+    use_col = ctx.with_col and grad_col is not None
+    dq, dk = info_nce_lse_cuda_bwd(q, k, scale, row, grad_row, grad_pos, col if use_col else None,
+                                   grad_col if use_col else None, ctx.pos_offset, need_q or need_scale, need_k)
+    dscale = (q.float() * dq).sum() / scale if need_scale else None  # dL/dscale = (1/scale) sum_i q_i . dL/dq_i
+    return (dq.to(q.dtype) if need_q else None), (dk.to(k.dtype) if need_k else None), dscale, None, None
+
+
+info_nce_lse_cuda.register_autograd(_lse_cuda_backward, setup_context=_lse_setup)
+
+
+def info_nce_cuda(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
+    scale = inverse_temperature(temperature, q.device)
+    if normalize:  # as the Triton path: in fp32, rounded once to the input dtype
+        q = F.normalize(q.float(), dim=-1).to(q.dtype)
+        k = F.normalize(k.float(), dim=-1).to(k.dtype)
+    if group is None:
+        row, col, pos = info_nce_lse_cuda(q, k, scale, symmetric, 0)
+        loss = (row - pos).mean()
+        return 0.5 * (loss + (col - pos).mean()) if symmetric else loss
+    offset = rank_in(group) * q.shape[0]
+    row, _, pos = info_nce_lse_cuda(q, gather_with_grad(k, group), scale, False, offset)
+    loss = (row - pos).mean()
+    if symmetric:
+        col, _, pos_k = info_nce_lse_cuda(k, gather_with_grad(q, group), scale, False, offset)
+        loss = 0.5 * (loss + (col - pos_k).mean())
+    return loss
+
+
+_IMPLS = {"reference": info_nce_ref, "triton": info_nce_triton, "cuda": info_nce_cuda}
 
 
 def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:

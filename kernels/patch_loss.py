@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _cuda
 from ._backend import dispatch
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_shape, check_tensor
@@ -278,7 +279,65 @@ def patch_loss_triton(pred, target, mask, norm_pix: bool, eps: float):
     return loss, per_patch
 
 
-_IMPLS = {"reference": patch_loss_ref, "triton": patch_loss_triton}
+# ---------------------------------------------------------------------------------------------
+# CUDA (csrc/patch_loss.cu): the same split (forward stores diff, backward rescales it), one warp per
+# patch, 4-wide loads, deterministic partial sums. Reuses the Triton binding's setup_context.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("kernels::patch_loss_cuda", mutates_args=())
+def _patch_loss_cuda_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool, eps: float,
+                        store_diff: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    pred, target = _cuda.unit_last(pred), _cuda.unit_last(target)
+    batch, num_patches, _ = pred.shape
+    per_patch = torch.empty(batch, num_patches, device=pred.device, dtype=torch.float32)
+    diff = torch.empty(pred.shape if store_diff else (0,), device=pred.device, dtype=pred.dtype)
+    loss = torch.empty((), device=pred.device, dtype=torch.float32)
+    count = torch.empty((), device=pred.device, dtype=torch.float32)
+    _cuda.load().patch_loss_fwd(pred, target, mask, per_patch, diff if store_diff else None, loss, count, norm_pix,
+                                eps, _cuda.stream(pred))
+    return loss, per_patch, diff, count
+
+
+@_patch_loss_cuda_op.register_fake
+def _(pred, target, mask, norm_pix, eps, store_diff):
+    batch, num_patches, _ = pred.shape
+    scalar = pred.new_empty((), dtype=torch.float32)
+    diff = pred.new_empty(pred.shape if store_diff else (0,))
+    return scalar, pred.new_empty(batch, num_patches, dtype=torch.float32), diff, torch.empty_like(scalar)
+
+
+@torch.library.custom_op("kernels::patch_loss_cuda_bwd", mutates_args=())
+def _patch_loss_cuda_bwd_op(diff: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor | None,
+                            count: torch.Tensor, grad_per_patch: torch.Tensor | None) -> torch.Tensor:
+    grad_pred = torch.empty_like(diff)
+    _cuda.load().patch_loss_bwd(diff, mask, None if grad_loss is None else grad_loss.float(), count,
+                                None if grad_per_patch is None else grad_per_patch.float().contiguous(), grad_pred,
+                                _cuda.stream(diff))
+    return grad_pred
+
+
+@_patch_loss_cuda_bwd_op.register_fake
+def _(diff, mask, grad_loss, count, grad_per_patch):
+    return torch.empty_like(diff)
+
+
+def _cuda_backward(ctx, grad_loss, grad_per_patch, _grad_diff, _grad_count):
+    diff, mask, count = ctx.saved_tensors
+    if grad_loss is None and grad_per_patch is None:
+        return None, None, None, None, None, None
+    return _patch_loss_cuda_bwd_op(diff, mask, grad_loss, count, grad_per_patch), None, None, None, None, None
+
+
+_patch_loss_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+
+
+def patch_loss_cuda(pred, target, mask, norm_pix: bool, eps: float):
+    store_diff = torch.is_grad_enabled() and pred.requires_grad
+    loss, per_patch, _, _ = _patch_loss_cuda_op(pred, target, mask, norm_pix, eps, store_diff)
+    return loss, per_patch
+
+
+_IMPLS = {"reference": patch_loss_ref, "triton": patch_loss_triton, "cuda": patch_loss_cuda}
 
 
 def patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import _cuda
 from ._backend import dispatch
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, check_shape, check_tensor
@@ -189,7 +190,39 @@ def relative_loss_triton(pred_score: torch.Tensor, true_loss: torch.Tensor, stab
     return _relative_loss_op(pred_score, true_loss, stable, store_grad)[0]
 
 
-_IMPLS = {"reference": relative_loss_ref, "triton": relative_loss_triton}
+# ---------------------------------------------------------------------------------------------
+# CUDA (csrc/relative_loss.cu): the same forward (loss, G, count), one block per (image, 32 rows j);
+# the backward is the Triton binding's (an O(B M) torch op), so setup_context and backward are shared.
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("kernels::relative_loss_cuda", mutates_args=())
+def _relative_loss_cuda_op(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool,
+                           store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    device = pred_score.device
+    grad = torch.empty(pred_score.shape if store_grad else (0,), device=device, dtype=torch.float32)
+    loss = torch.empty((), device=device, dtype=torch.float32)
+    count = torch.empty((), device=device, dtype=torch.float32)
+    _cuda.load().relative_loss_fwd(pred_score, true_loss, grad if store_grad else None, loss, count, stable,
+                                   _cuda.stream(pred_score))
+    return loss, grad, count
+
+
+@_relative_loss_cuda_op.register_fake
+def _(pred_score, true_loss, stable, store_grad):
+    scalar = pred_score.new_empty((), dtype=torch.float32)
+    grad = pred_score.new_empty(pred_score.shape if store_grad else (0,), dtype=torch.float32)
+    return scalar, grad, torch.empty_like(scalar)
+
+
+_relative_loss_cuda_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def relative_loss_cuda(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool) -> torch.Tensor:
+    store_grad = torch.is_grad_enabled() and pred_score.requires_grad
+    return _relative_loss_cuda_op(pred_score, true_loss, stable, store_grad)[0]
+
+
+_IMPLS = {"reference": relative_loss_ref, "triton": relative_loss_triton, "cuda": relative_loss_cuda}
 
 
 def relative_loss(pred_score: torch.Tensor, true_loss: torch.Tensor, *, stable: bool = True,

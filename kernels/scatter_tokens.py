@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _cuda
 from ._backend import dispatch
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_shape, check_tensor
@@ -189,7 +190,65 @@ def scatter_tokens_triton(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patch
     return _scatter_tokens_op(x_vis, ids_keep, num_patches, fill)
 
 
-_IMPLS = {"reference": scatter_tokens_ref, "triton": scatter_tokens_triton}
+# --- CUDA (csrc/gather_scatter.cu) ------------------------------------------------------------
+# Forward: the row copy through the inverse map with the fill, 16-byte accesses where the rows allow.
+# Backward: one pass over dout writes dx_vis and per-group fp32 column sums of the masked rows (fixed groups
+# of _CUDA_ROWS_PER_GROUP rows, reduced in a fixed order in the kernel, then torch.sum over the groups):
+# deterministic, no atomics, the same split as the Triton kernel.
+_CUDA_ROWS_PER_GROUP = 128
+
+
+@torch.library.custom_op("kernels::scatter_tokens_cuda", mutates_args=())
+def _scatter_tokens_cuda_op(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
+                            fill: torch.Tensor) -> torch.Tensor:
+    x_vis = _cuda.unit_last(x_vis)
+    out = _alloc((x_vis.shape[0], num_patches, x_vis.shape[2]), dtype=x_vis.dtype, device=x_vis.device)
+    _cuda.load().scatter_rows(x_vis, inverse_positions(ids_keep, num_patches), fill.to(x_vis.dtype).contiguous(),
+                              out, _cuda.stream(x_vis))
+    return out
+
+
+@_scatter_tokens_cuda_op.register_fake
+def _(x_vis, ids_keep, num_patches, fill):
+    return x_vis.new_empty((x_vis.shape[0], num_patches, x_vis.shape[2]))
+
+
+@torch.library.custom_op("kernels::scatter_tokens_cuda_bwd", mutates_args=())
+def _scatter_tokens_cuda_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx_vis [B, K, D] in dout's dtype, dfill [D] in fp32)."""
+    batch, num_patches, dim = dout.shape
+    if dout.numel() == 0:
+        return dout.new_zeros((batch, ids_keep.shape[1], dim)), dout.new_zeros(dim, dtype=torch.float32)
+    dout = _cuda.unit_last(dout)
+    groups = -(-batch * num_patches // _CUDA_ROWS_PER_GROUP)
+    dx_vis = _alloc((batch, ids_keep.shape[1], dim), dtype=dout.dtype, device=dout.device)
+    partial = _alloc((groups, dim), dtype=torch.float32, device=dout.device)
+    _cuda.load().scatter_rows_bwd(dout, inverse_positions(ids_keep, num_patches), dx_vis, partial,
+                                  _CUDA_ROWS_PER_GROUP, _cuda.stream(dout))
+    return dx_vis, partial.sum(0)
+
+
+@_scatter_tokens_cuda_bwd_op.register_fake
+def _(dout, ids_keep):
+    return (dout.new_empty((dout.shape[0], ids_keep.shape[1], dout.shape[2])),
+            dout.new_empty((dout.shape[2],), dtype=torch.float32))
+
+
+def _cuda_backward(ctx, grad):
+    (ids_keep,) = ctx.saved_tensors
+    dx_vis, dfill = _scatter_tokens_cuda_bwd_op(grad, ids_keep)
+    return dx_vis.to(ctx.x_dtype), None, None, dfill.to(ctx.fill_dtype)
+
+
+_scatter_tokens_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+
+
+def scatter_tokens_cuda(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
+                        fill: torch.Tensor) -> torch.Tensor:
+    return _scatter_tokens_cuda_op(x_vis, ids_keep, num_patches, fill)
+
+
+_IMPLS = {"reference": scatter_tokens_ref, "triton": scatter_tokens_triton, "cuda": scatter_tokens_cuda}
 
 
 def scatter_tokens(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, fill: torch.Tensor,
