@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/hpm_digits.toml
 PYTEST_ARGS ?=
 
-.PHONY: install pretrain test bench-cpu clean
+.PHONY: install pretrain test bench-cpu gpu-check cuda-ext clean
 
 install: $(STAMP)
 
@@ -28,6 +28,18 @@ test: $(STAMP)
 
 bench-cpu: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks --benchmark-only -q
+
+# The CUDA extension kernels._C, built in place (needs nvcc, not a GPU; kernels/_cuda.py has the recipe).
+# Optional: where it is missing, backend="cuda" builds it on first use when a GPU and nvcc are present.
+cuda-ext: $(STAMP)
+	SSL_FORCE_CUDA_BUILD=1 $(PY) setup.py build_ext --inplace
+
+# On a GPU machine, from a plain working-tree copy (no install, no network): the GPU tests and every
+# benchmark in one call (~9 min), a Markdown table + JSON in benchmarks/out/ (and $OUT) for benchmarks/RESULTS.md.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,18 +4,27 @@ A benchmark family describes one case as a dict of *providers*. A provider is a 
 ``make(mode) -> run`` that sets up the inputs for ``mode`` ("fwd", "bwd", "full", ...) and returns
 a zero-argument callable doing one step of that mode (``run()`` is what gets timed). A factory
 raises ``ProviderUnavailable(reason)`` where it cannot run here (e.g. torch.compile without a
-compiler); ``bench`` then prints the reason and records a row with ``ms = nan``, so every
-provider still shows up in the table.
+compiler); ``bench`` then prints the reason and records a row with ``ms = nan`` and the reason in
+``note``, so every provider still shows up in the table (``notes_markdown`` lists the reasons).
 
 Rates: ``gbps`` = bytes_moved[mode] / time, ``tflops`` = flops[mode] / time, and ``roofline`` =
 (the time the device's *measured* copy bandwidth and matmul rate allow) / (the time taken), i.e.
 the fraction of the roofline reached. Measured, not datasheet, peaks: the copy rate of a large
-device-to-device copy and the rate of a large bf16 matmul (fp32 on CPU).
+device-to-device copy and the rate of a large bf16 matmul (fp32 on CPU), measured once per process
+(``device_roofline``), or once per ``gpu_check`` run and handed to its children through the file named
+by ``$BENCH_ROOFLINE_FILE``. Either way the figures come from the same run as the rows they grade.
+
+Robustness for one-call GPU runs (benchmarks/gpu_check.py sets these in each child):
+- ``$BENCH_ROWS_JSONL``: every row (and the roofline) is appended there as it is produced, so rows
+  measured before a timeout or a crash survive;
+- ``$BENCH_KEEP_GOING=1``: a provider that fails (an exception, out of memory) becomes a row with
+  ``ms = nan`` and the error in ``note`` instead of ending the whole family.
 """
 from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -47,6 +56,8 @@ class Row:
     tflops: float | None
     roofline: float | None
     peak_mb: float | None
+    note: str | None = None     # why a provider produced no timing ("unavailable: ...", "failed: ...")
+    extra: dict | None = None   # family-specific figures (e.g. images/s and MFU of a training step)
 
 
 def _is_cuda(device) -> bool:
@@ -108,37 +119,89 @@ def peak_mb(fn: Callable[[], object], device=None) -> float | None:
 @functools.lru_cache(maxsize=None)
 def _measure_roofline(device: str) -> dict:
     if _is_cuda(device):
-        src = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # 256 MiB, far beyond L2
+        src = torch.randint(0, 256, (256 * 2**20,), dtype=torch.uint8, device=device)  # 256 MiB, far beyond L2
         dst = torch.empty_like(src)
         copy_ms = time_ms(lambda: dst.copy_(src), device=device)
         n = 8192
-        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+        a = torch.randn(n, n, dtype=torch.bfloat16, device=device)  # random data: zeros run faster
         b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
         mm_ms = time_ms(lambda: a @ b, device=device)
         tflops = 2 * n**3 / mm_ms / 1e9
-        return {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "bf16_tflops": tflops,
-                "matmul_tflops": tflops, "matmul_dtype": "bfloat16"}
-    src = torch.ones(64 * 2**20, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    copy_ms = time_ms(lambda: dst.copy_(src), warmup=2, rep=5, device=device)
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    mm_ms = time_ms(lambda: a @ b, warmup=2, rep=5, device=device)
-    tflops = 2 * n**3 / mm_ms / 1e9
-    return {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "fp32_tflops": tflops,
-            "matmul_tflops": tflops, "matmul_dtype": "float32"}
+        roof = {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "bf16_tflops": tflops,
+                "matmul_tflops": tflops, "matmul_dtype": "bfloat16", "copy_mib": src.numel() // 2**20}
+        del src, dst, a, b
+        torch.cuda.empty_cache()
+    else:
+        src = torch.ones(64 * 2**20, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        copy_ms = time_ms(lambda: dst.copy_(src), warmup=2, rep=5, device=device)
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        mm_ms = time_ms(lambda: a @ b, warmup=2, rep=5, device=device)
+        tflops = 2 * n**3 / mm_ms / 1e9
+        roof = {"copy_gbps": 2 * src.numel() / copy_ms / 1e6, "fp32_tflops": tflops,
+                "matmul_tflops": tflops, "matmul_dtype": "float32", "copy_mib": src.numel() // 2**20}
+    roof.update(device=device, matmul_n=n, source="measured in this process")
+    _emit({"roofline": roof})
+    return roof
+
+
+def _roofline_from_file(device: str) -> dict | None:
+    """The roofline a parent run (gpu_check) measured once and shared, when it is for this device."""
+    path = os.environ.get("BENCH_ROOFLINE_FILE")
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        roof = json.load(f)
+    if roof.get("device") != device:
+        return None
+    return {**roof, "source": f"measured once by the parent run ({os.path.basename(path)})"}
 
 
 def device_roofline(device) -> dict:
-    """Measured peaks of ``device``, cached per process.
+    """Measured peaks of ``device``, measured once per process (or once per gpu_check run, see above).
 
-    CUDA: {"copy_gbps", "bf16_tflops", "matmul_tflops", "matmul_dtype": "bfloat16"};
-    CPU:  {"copy_gbps", "fp32_tflops", "matmul_tflops", "matmul_dtype": "float32"}.
+    CUDA: {"copy_gbps", "bf16_tflops", "matmul_tflops", "matmul_dtype": "bfloat16", ...};
+    CPU:  {"copy_gbps", "fp32_tflops", "matmul_tflops", "matmul_dtype": "float32", ...}.
+    Copy bandwidth counts bytes read plus bytes written of a large device-to-device copy; the matmul
+    rate is that of an n x n x n product on random data (n = 8192 on CUDA).
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return dict(_measure_roofline(str(device)))
+    return dict(_roofline_from_file(str(device)) or _measure_roofline(str(device)))
+
+
+def describe_roofline(roof: Mapping) -> str:
+    """One line stating the measured peaks and how the roofline column is computed."""
+    return (f"measured on this run: copy bandwidth {roof['copy_gbps']:.1f} GB/s (read + write), "
+            f"{roof['matmul_dtype']} matmul {roof['matmul_tflops']:.2f} TFLOP/s; roofline = minimal time at "
+            "those rates for the op's minimal bytes/FLOPs / measured time")
+
+
+def _emit(record: Mapping) -> None:
+    """Append ``record`` to $BENCH_ROWS_JSONL (if set), so partial results survive a timeout."""
+    path = os.environ.get("BENCH_ROWS_JSONL")
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _json_safe(v) for k, v in record.items()}, default=str) + "\n")
+
+
+def emit_row(row: "Row") -> "Row":
+    """Record one finished row in $BENCH_ROWS_JSONL (if set) and return it."""
+    _emit({"row": {k: _json_safe(v) for k, v in asdict(row).items()}})
+    return row
+
+
+def keep_going() -> bool:
+    """Whether failing providers become rows (``$BENCH_KEEP_GOING=1``) instead of raising."""
+    return os.environ.get("BENCH_KEEP_GOING", "0").lower() in ("1", "true", "yes")
+
+
+def short_error(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _rate(amount: float | None, ms: float, scale: float) -> float | None:
@@ -155,9 +218,10 @@ def bench(family: str, case: str, providers: Mapping[str, Provider], *,
 
     Args:
         providers: name -> factory; ``factory(mode)`` returns the zero-argument step to time, or
-            raises ProviderUnavailable (printed; the row gets ms = nan).
+            raises ProviderUnavailable (printed; the row gets ms = nan and the reason in ``note``).
         bytes_moved, flops: per mode, the minimal HBM traffic and arithmetic of the op (not of a
             provider), so that GB/s, TFLOP/s and the roofline fraction compare providers fairly.
+    Out of memory, or any error under ``$BENCH_KEEP_GOING=1``, also gives a nan row with the reason.
     """
     roof = device_roofline(device) if (bytes_moved or flops) else {}
     rows = []
@@ -172,20 +236,37 @@ def bench(family: str, case: str, providers: Mapping[str, Provider], *,
             if nflops:
                 floors.append(nflops / (roof["matmul_tflops"] * 1e9))
             floor_ms = max(floors) if floors else None
+        if not nbytes and not nflops:
+            print(f"[bench] {family}/{case} ({mode}): no bytes or FLOPs given, so no rate or roofline column",
+                  file=sys.stderr)
         for name, factory in providers.items():
             try:
                 step = factory(mode)
                 step()  # first call: compiles, and surfaces unavailability before timing
+                ms = time_ms(step, warmup=warmup, rep=rep, device=device)
+                mem = peak_mb(step, device=device) if measure_memory else None
             except ProviderUnavailable as why:
-                print(f"[bench] {family}/{case}: skipping provider {name!r} ({mode}): {why}", file=sys.stderr)
-                rows.append(Row(family, case, name, mode, float("nan"), None, None, None, None))
+                rows.append(_failed_row(family, case, name, mode, f"unavailable: {why}", device))
                 continue
-            ms = time_ms(step, warmup=warmup, rep=rep, device=device)
-            mem = peak_mb(step, device=device) if measure_memory else None
+            except torch.OutOfMemoryError as exc:
+                rows.append(_failed_row(family, case, name, mode, f"out of memory: {short_error(exc)}", device))
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported as a row only when asked to keep going
+                if not keep_going():
+                    raise
+                rows.append(_failed_row(family, case, name, mode, f"failed: {short_error(exc)}", device))
+                continue
             roofline = floor_ms / ms if floor_ms is not None and ms > 0 else None
-            rows.append(Row(family, case, name, mode, ms, _rate(nbytes, ms, 1e6), _rate(nflops, ms, 1e9),
-                            roofline, mem))
+            rows.append(emit_row(Row(family, case, name, mode, ms, _rate(nbytes, ms, 1e6), _rate(nflops, ms, 1e9),
+                                     roofline, mem)))
     return rows
+
+
+def _failed_row(family: str, case: str, provider: str, mode: str, note: str, device) -> Row:
+    print(f"[bench] {family}/{case}: no timing for provider {provider!r} ({mode}): {note}", file=sys.stderr)
+    if _is_cuda(device):
+        torch.cuda.empty_cache()
+    return emit_row(Row(family, case, provider, mode, float("nan"), None, None, None, None, note=note))
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -202,6 +283,16 @@ def to_markdown(rows: Iterable[Row]) -> str:
         lines.append(f"| {r.family} | {r.case} | {r.provider} | {r.mode} | {ms} | {_fmt(r.gbps, '.1f')} | "
                      f"{_fmt(r.tflops, '.2f')} | {roofline} | {_fmt(r.peak_mb, '.1f')} |")
     return "\n".join(lines)
+
+
+def notes_markdown(rows: Iterable[Row]) -> str:
+    """Why some providers have no timing: one bullet per (family, provider, reason), '' if none."""
+    seen: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r.note:
+            seen.setdefault((r.family, r.provider, r.note), []).append(f"{r.case} {r.mode}")
+    return "\n".join(f"- {family} / {provider}: {note} ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''})"
+                     for (family, provider, note), where in seen.items())
 
 
 def _json_safe(value):
@@ -223,6 +314,46 @@ def _run(cmd: list[str]) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SOURCE_DIRS = ("kernels", "engine", "benchmarks", "csrc", "configs")
+
+
+def source_digest(root: str = REPO_ROOT) -> str:
+    """sha256 (12 hex digits) over the paths and contents of the source files, to tie results to the code
+    where git is not available (a working-tree copy on a lent machine has no .git)."""
+    digest = hashlib.sha256()
+    for folder in _SOURCE_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, folder)):
+            dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "out"))
+            for name in sorted(filenames):
+                if name.endswith((".py", ".cu", ".cuh", ".cpp", ".h", ".toml")):
+                    path = os.path.join(dirpath, name)
+                    digest.update(os.path.relpath(path, root).encode() + b"\0")
+                    with open(path, "rb") as f:
+                        digest.update(f.read() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def git_commit() -> str:
+    """Short commit hash, '-dirty' when tracked files differ; else $BENCH_GIT_COMMIT; else 'unknown'."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if commit is None:
+        return os.environ.get("BENCH_GIT_COMMIT") or "unknown"
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return commit + ("-dirty" if dirty else "")
+
+
+def _driver() -> str | None:
+    version = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if version:
+        return version.splitlines()[0]
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
 def environment() -> dict:
     """Device name, driver, torch/triton/CUDA versions, git commit and date, for the results file."""
     try:
@@ -232,16 +363,23 @@ def environment() -> dict:
     except ImportError:
         triton_version = None
     cuda = torch.cuda.is_available()
-    return {
+    env = {
         "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
-        "driver": _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if cuda else None,
+        "driver": _driver() if cuda else None,
         "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
-        "git_commit": _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
+        "git_commit": git_commit(),
+        "source_digest": source_digest(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if cuda:
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["sm_count"] = props.multi_processor_count
+    return env
 
 
 def guard_compile(factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
@@ -268,11 +406,12 @@ def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Call
     return guarded
 
 
-def cli_main(title: str, description: str, run: Callable, roofline_note: Callable[[dict], str], *,
+def cli_main(title: str, description: str, run: Callable, roofline_note: Callable[[dict], str] | None = None, *,
              select: str = "families", flag: str | None = None, choices: Iterable[str] | None = None,
-             argv: list[str] | None = None) -> None:
+             argv: list[str] | None = None, markdown: Callable[[list[Row]], str] = to_markdown) -> None:
     """The command line every ``bench_<family>.py`` shares: run, print a Markdown table headed by the
-    environment and the measured rooflines, optionally write JSON. ``run(device, tiny, **{select: names})``."""
+    environment and the measured rooflines (and the reasons of rows without a timing), optionally write
+    JSON. ``run(device, tiny, **{select: names})``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=description)
@@ -289,8 +428,32 @@ def cli_main(title: str, description: str, run: Callable, roofline_note: Callabl
     rows = run(args.device, tiny, **{select: getattr(args, select)})
     print(f"# {title} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['git_commit']}, {env['date']})")
-    print(roofline_note(roof) + "\n")
-    print(to_markdown(rows))
+    print((roofline_note or describe_roofline)(roof) + "\n")
+    print(markdown(rows))
+    notes = notes_markdown(rows)
+    if notes:
+        print("\nNo timing:\n" + notes)
     if args.json:
         with open(args.json, "w") as f:
             f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.harness [--device D] [--json F]``: the environment and the device's measured
+    roofline (gpu_check measures it once this way and shares the file with every family it runs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Measure the device's copy bandwidth and matmul rate.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the roofline (with the environment under 'environment') here")
+    args = parser.parse_args(argv)
+    roof = device_roofline(args.device)
+    env = environment()
+    print(json.dumps({**roof, "environment": env}, indent=2, default=str))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**roof, "environment": env}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Smoke test of the end-to-end training-step benchmark (tiny model, one repetition): every provider gives
+a timed row for MAE and HPM, with images/s, FLOPs and the HPM/MAE ratio filled in. A wiring test, not a
+timing test; run by `make bench-cpu` (pytest-benchmark's fixture, so `--benchmark-only` keeps it)."""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # Triton runs on CPU tensors only under the interpreter, set before import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks import bench_train_step  # noqa: E402
+from benchmarks.harness import environment, to_json  # noqa: E402
+
+
+def test_every_provider_produces_rows(benchmark):
+    rows = benchmark.pedantic(bench_train_step.run, args=("cpu", True), rounds=1, iterations=1)
+    assert {(r.extra["objective"], r.provider) for r in rows} == {
+        (o, p) for o in bench_train_step.OBJECTIVES for p in bench_train_step.PROVIDERS}
+    for r in rows:
+        if r.provider == "compile" and not math.isfinite(r.ms):  # the only provider allowed to be unavailable
+            assert r.note.startswith("unavailable:"), r
+            continue
+        assert math.isfinite(r.ms) and r.ms > 0, r
+        assert r.extra["batch"] == bench_train_step.TINY_BATCH
+        assert r.extra["images_per_s"] > 0 and r.extra["flops_per_image"] > 0 and r.tflops > 0 and r.roofline > 0
+    hpm = [r for r in rows if r.extra["objective"] == "hpm" and math.isfinite(r.ms)]
+    assert hpm and all(r.extra["hpm_over_mae"] > 0 for r in hpm)
+    table = bench_train_step.markdown(rows)
+    assert table.count("\n") == len(rows) + 1 and "HPM/MAE" in table
+    assert '"images_per_s"' in to_json(rows, environment())
