@@ -1,21 +1,68 @@
-"""Atomic checkpoints: a file counts only once it is complete.
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, independent of the parallelism, atomic.
 
-Each save writes ``epoch_NNNN.pt.tmp``, flushes it to disk and renames it; a crash
-mid-save leaves the previous checkpoints intact. The newest ``keep`` are kept.
+Layout: ``<run>/checkpoints/step_00001234/`` holds DCP's files (one ``.distcp`` per rank, ``.metadata``) and
+``COMMIT``, a small JSON that rank 0 writes once every rank has finished writing (DCP's writer fsyncs its
+files). The folder is written as ``step_00001234.partial/`` and renamed only after ``COMMIT`` exists, so a
+crash mid-save, even SIGKILL, leaves earlier checkpoints untouched; only folders with ``COMMIT`` count. The
+newest ``keep`` (>= 2) are kept, and the older ones are deleted only after a newer one is complete.
+
+What is saved: the objective's state (students, EMA teachers, buffers) and the optimizer's, both by canonical
+parameter names (``get_state_dict``: the same names under FSDP2, DDP, compile or activation checkpointing, so
+DCP reshards on load), plus the trainer's position and counters as one JSON string.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
-import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
-_NAME = re.compile(r"^epoch_(\d+)\.pt$")
+COMMIT = "COMMIT"
+_NAME = re.compile(r"^step_(\d+)$")
+_LEFTOVER = re.compile(r"^step_(\d+)\.(partial|old)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message says what to do."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    if _distributed() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every single-process save/load that it assumes one process: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / COMMIT).is_file() and (Path(path) / ".metadata").is_file()
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -23,7 +70,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and is_complete(p)]
     return [p for _, p in sorted(found)]
 
 
@@ -32,23 +79,119 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, epoch: int, state: dict, keep: int = 2) -> Path:
-    folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"epoch_{epoch:04d}.pt"
-    tmp = final.with_name(final.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+def read_commit(path: Path) -> dict:
+    return json.loads((Path(path) / COMMIT).read_text())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_durably(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def purge(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of saves that died."""
+    complete = list_checkpoints(run_dir)
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    newest = int(_NAME.match(complete[-1].name).group(1)) if complete else -1
+    for path in checkpoint_dir(run_dir).iterdir():
+        m = _LEFTOVER.match(path.name)
+        if m and int(m.group(1)) <= newest:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int) -> Path:
+    """Save on every rank (a collective under torchrun); rank 0 commits, renames and purges."""
+    folder = checkpoint_dir(run_dir)
+    final = folder / f"step_{step:08d}"
+    partial = folder / f"{final.name}.partial"
+    if _rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)   # left by a run that died while saving this step
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "trainer": json.dumps(trainer_state)}
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=partial, no_dist=not _distributed())
+    _barrier()   # every rank's shards are written and fsynced
+    if _rank() == 0:
+        _write_json_durably(partial / COMMIT, trainer_state)
+        replaced = None
+        if final.exists():   # the same step saved again (resumed from an older one): swap, never delete first
+            replaced = folder / f"{final.name}.old"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+        os.replace(partial, final)
+        _fsync_dir(folder)
+        purge(run_dir, keep)
+    _barrier()
     return final
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # corrupt or truncated file
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete checkpoint folder, or a clear error saying what to do instead."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; list the run's checkpoints with "
+                              f"`ls {path.parent}` or resume the newest one with --resume auto")
+    if not is_complete(path):
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {COMMIT} or .metadata: the run died while "
+                              f"saving it); resume from an older one in {path.parent} or with --resume auto")
+    return path
+
+
+def check_compatible(path: Path, model_state: dict) -> None:
+    """Refuse, before loading anything, a checkpoint whose tensors do not match this model's names and shapes."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    saved = {key[len("model."):]: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
+             if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
+    current = {key: tuple(t.shape) for key, t in model_state.items()}
+    missing, unexpected = sorted(current.keys() - saved.keys()), sorted(saved.keys() - current.keys())
+    wrong = [(k, saved[k], current[k]) for k in sorted(current.keys() & saved.keys()) if saved[k] != current[k]]
+    if not (missing or unexpected or wrong):
+        return
+    details = []
+    if wrong:
+        k, there, here = wrong[0]
+        details.append(f"{len(wrong)} tensors differ in shape (e.g. {k}: {list(there)} in the checkpoint, "
+                       f"{list(here)} in this model)")
+    if missing:
+        details.append(f"{len(missing)} tensors of this model are not in it (e.g. {missing[0]})")
+    if unexpected:
+        details.append(f"{len(unexpected)} of its tensors are not in this model (e.g. {unexpected[0]})")
+    raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(details)}. Resume with the "
+                          f"config the run was started with (its config.toml, e.g. `python -m engine resume "
+                          f"RUN_DIR`), or start a new run in another folder (--run-dir)")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer=None) -> dict:
+    """Load model (and optimizer) state in place, resharding as needed; returns the trainer state."""
+    path = resolve_checkpoint(path)
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_compatible(path, model_sd)
+    state = {"model": model_sd, "trainer": ""}
+    if optimizer is not None:
+        state["optim"] = optim_sd
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return json.loads(state["trainer"])

@@ -10,7 +10,9 @@ EPILOG = """examples:
   python -m engine pretrain hpm_digits                       # the default demo (what `make pretrain` runs)
   python -m engine pretrain configs/mae_digits.toml --set train.epochs=5 --set optim.blr=1e-3
   python -m engine pretrain hpm_vit_base_800ep --set data.name=folder --set data.path=/data/imagenet
-  python -m engine resume runs/hpm-digits-20261123-101500    # continue after the last complete epoch
+  python -m engine resume runs/hpm-digits-20261123-101500    # continue from the newest complete checkpoint
+  torchrun --nproc-per-node 8 -m engine pretrain hpm_vit_base_800ep --set train.parallel=fsdp \
+      --run-dir runs/hpm-b --resume auto                     # 8 GPUs; a restarted job continues where it stopped
   python -m engine probe runs/hpm-digits-20261123-101500     # linear probe + kNN vs a random encoder
 
 CONFIG is a TOML file or the name of a preset in configs/. Every field can be overridden
@@ -30,9 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--run-dir", type=Path, help="run folder (default: train.out_dir/<objective>-<data>-<time>)")
+    p.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
+                   help="auto: continue from the newest complete checkpoint in the run folder if there is one "
+                        "(what torchrun restarts need), else start fresh; or a checkpoint folder to start from")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     r = sub.add_parser("resume", help="continue a run from its last complete checkpoint")
     r.add_argument("run_dir", type=Path)
+    r.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest complete one)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's saved config (e.g. train.epochs)")
     r.add_argument("--quiet", action="store_true")
@@ -63,7 +69,9 @@ def _print_result(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from engine.checkpoint import CheckpointError
     from engine.config import CONFIG_DIR, ConfigError, load_config
+    from engine.distributed import DistributedSetupError
 
     try:
         if args.command == "presets":
@@ -79,14 +87,17 @@ def main(argv: list[str] | None = None) -> int:
             if not config_file.is_file():
                 raise ConfigError(f"{args.run_dir} is not a run folder (no config.toml)")
             cfg = load_config(config_file, args.overrides)
-            result = pretrain(cfg, run_dir=args.run_dir, resume=True, show_progress=not args.quiet)
+            result = pretrain(cfg, run_dir=args.run_dir, resume=args.checkpoint or True, show_progress=not args.quiet)
         else:
             cfg = load_config(args.config, args.overrides)
-            result = pretrain(cfg, run_dir=args.run_dir, show_progress=not args.quiet)
-    except (ConfigError, FileNotFoundError) as err:
+            if args.resume == "auto" and args.run_dir is None and not cfg.train.run_name:
+                raise ConfigError("--resume auto needs a fixed run folder: give --run-dir or train.run_name")
+            result = pretrain(cfg, run_dir=args.run_dir, resume=args.resume or False, show_progress=not args.quiet)
+    except (ConfigError, FileNotFoundError, CheckpointError, DistributedSetupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _print_result(result)
+    if result.is_main:
+        _print_result(result)
     return 0
 
 
@@ -95,9 +106,9 @@ def _probe(run_dir: Path) -> int:
 
     from engine.checkpoint import latest_checkpoint, load_checkpoint
     from engine.config import ConfigError, load_config
+    from engine.distributed import resolve_device
     from engine.objectives import build_objective
     from engine.probe import run_probe
-    from engine.train import resolve_device
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
@@ -107,7 +118,7 @@ def _probe(run_dir: Path) -> int:
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
     device = resolve_device(cfg.train.device)
     objective = build_objective(cfg)
-    objective.load_state_dict(load_checkpoint(path)["objective"])
+    load_checkpoint(path, objective)   # weights only; DCP gathers the shards of any world size
     with torch.no_grad():
         result = run_probe(cfg, objective.to(device).encoder, device)
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2))

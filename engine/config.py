@@ -48,6 +48,7 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    attn_backend: str = "auto"      # attention: auto | ours | sdpa | flex | xformers | reference
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -77,6 +78,25 @@ class ObjectiveConfig:
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999
     ema_ramp_epochs: int = 100      # shortened to the run's length for runs under 100 epochs
+    # contrastive: SimCLR and MoCo v3 (objectives/simclr.py, mocov3.py); defaults are MoCo v3's ViT recipe
+    temperature: float = 0.2
+    pooling: str = "cls"            # encoder feature fed to the heads: "cls" token or "mean" of patch tokens
+    proj_layers: int = 3            # projector: Linear-BN-ReLU x (layers - 1), Linear, BN without affine
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+    pred_hidden: int = 4096         # MoCo v3's 2-layer predictor
+    momentum: float = 0.99          # MoCo v3's momentum encoder: cosine from this to 1 (momentum_cosine)
+    momentum_cosine: bool = True
+    stop_grad_patch_embed: bool = False  # MoCo v3's frozen random patch projection (stabilises ViT training)
+    # the two views (engine/data/views.py); the data pipeline's own crop should be off: data.crop_scale = [1, 1]
+    view_crop_scale: tuple[float, float] = (0.08, 1.0)
+    view_hflip: float = 0.5
+    jitter_prob: float = 0.8
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+    grayscale_prob: float = 0.2     # 3-channel images only
+    blur_prob: tuple[float, float] = (1.0, 0.1)       # per view (BYOL / MoCo v3: asymmetric)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)      # pixels
+    solarize_prob: tuple[float, float] = (0.0, 0.2)   # per view
 
 
 @dataclass(kw_only=True)
@@ -114,9 +134,20 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""              # default: <objective>-<data>-<timestamp>
     log_every: int = 10             # steps between progress/metric lines
-    eval_every: int = 0             # epochs between evaluations (pictures, rank correlation); 0 = at the end
+    eval_every: int = 0             # epochs between evaluations (pictures, rank correlation), plus one after epoch 1; 0 = at the end only
     save_every: int = 1             # epochs between checkpoints
-    keep_checkpoints: int = 2
+    save_every_steps: int = 0       # also checkpoint every N steps (mid-epoch, exact resume); 0 = epoch ends only
+    keep_checkpoints: int = 2       # newest complete checkpoints kept; >= 2 (the newest may be mid-replacement)
+    # scale-out (issue 7): under torchrun, one process per device
+    parallel: str = "none"          # none | ddp | fsdp (FSDP2 fully_shard per transformer block, then the root)
+    reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (re-gather in backward)
+    activation_checkpointing: bool = False  # recompute each trainable block in backward instead of storing it
+    compile: bool = False           # torch.compile each transformer block (fullgraph, static shapes)
+    compile_backend: str = "inductor"
+    nonfinite: str = "skip"         # skip | fail: a step with non-finite gradients is never applied
+    max_consecutive_skips: int = 25  # skip: stop after this many skipped steps in a row
+    deterministic: bool = False     # deterministic algorithms (bit-exact resume on CPU; slower on GPU)
+    dist_timeout_s: int = 600       # rendezvous and collective timeout
     probe: bool = True              # linear probe (pre-trained vs random encoder) at the end
     probe_max_images: int = 10000
 
@@ -260,8 +291,29 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _validate_contrastive(o: ObjectiveConfig) -> None:
+    _require(o.temperature > 0, f"objective.temperature must be > 0, got {o.temperature}")
+    _require(o.pooling in ("cls", "mean"), f"objective.pooling must be 'cls' or 'mean', got {o.pooling!r}")
+    for name in ("proj_layers", "proj_hidden", "proj_dim", "pred_hidden"):
+        _require(getattr(o, name) >= 1, f"objective.{name} must be >= 1, got {getattr(o, name)}")
+    _require(0.0 <= o.momentum <= 1.0, f"objective.momentum must be in [0, 1], got {o.momentum}")
+    lo, hi = o.view_crop_scale
+    _require(0 < lo <= hi <= 1, f"objective.view_crop_scale must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
+    for name in ("view_hflip", "jitter_prob", "grayscale_prob"):
+        value = getattr(o, name)
+        _require(0 <= value <= 1, f"objective.{name} must be a probability in [0, 1], got {value}")
+    for name in ("blur_prob", "solarize_prob"):
+        _require(all(0 <= p <= 1 for p in getattr(o, name)),
+                 f"objective.{name} must be two probabilities in [0, 1], got {list(getattr(o, name))}")
+    _require(all(v >= 0 for v in o.jitter[:3]) and 0 <= o.jitter[3] <= 0.5,
+             f"objective.jitter (brightness, contrast, saturation, hue) must be >= 0 with hue <= 0.5, "
+             f"got {list(o.jitter)}")
+    lo, hi = o.blur_sigma
+    _require(0 < lo <= hi, f"objective.blur_sigma must satisfy 0 < min <= max, got {[lo, hi]}")
+
+
 def validate(cfg: Config) -> None:
-    from kernels import BACKENDS  # the engine depends on kernels, never the reverse
+    from kernels import ATTENTION_BACKENDS, BACKENDS  # the engine depends on kernels, never the reverse
 
     m, o, d, opt, t = cfg.model, cfg.objective, cfg.data, cfg.optim, cfg.train
     _require(m.arch in VIT_ARCHS, f"model.arch must be one of {sorted(VIT_ARCHS)}, got {m.arch!r}")
@@ -277,6 +329,8 @@ def validate(cfg: Config) -> None:
     _require(m.decoder_dim % m.decoder_heads == 0,
              f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}")
     _require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    _require(m.attn_backend in ATTENTION_BACKENDS,
+             f"model.attn_backend must be one of {ATTENTION_BACKENDS}, got {m.attn_backend!r}")
 
     from engine.objectives import OBJECTIVES
     _require(o.name in OBJECTIVES, f"objective.name must be one of {sorted(OBJECTIVES)}, got {o.name!r}")
@@ -291,6 +345,7 @@ def validate(cfg: Config) -> None:
         value = getattr(o, name)
         _require(0.0 <= value < 1.0, f"objective.{name} must be in [0, 1), got {value}")
     _require(o.ema_ramp_epochs >= 0, f"objective.ema_ramp_epochs must be >= 0, got {o.ema_ramp_epochs}")
+    _validate_contrastive(o)
 
     _require(d.name in ("digits", "folder", "synthetic"),
              f"data.name must be one of digits, folder, synthetic; got {d.name!r}")
@@ -321,4 +376,11 @@ def validate(cfg: Config) -> None:
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
     _require(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")
-    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(t.keep_checkpoints >= 2, f"train.keep_checkpoints must be >= 2 (the newest checkpoint may be the one "
+             f"being replaced when a run dies), got {t.keep_checkpoints}")
+    _require(t.save_every_steps >= 0, f"train.save_every_steps must be >= 0, got {t.save_every_steps}")
+    _require(t.parallel in ("none", "ddp", "fsdp"), f"train.parallel must be none, ddp or fsdp, got {t.parallel!r}")
+    _require(bool(t.compile_backend), "train.compile_backend must name a torch.compile backend, e.g. 'inductor'")
+    _require(t.nonfinite in ("skip", "fail"), f"train.nonfinite must be skip or fail, got {t.nonfinite!r}")
+    _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+    _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {t.dist_timeout_s}")

@@ -1,8 +1,11 @@
-"""Exponential moving average teachers (HPM's timm ``ModelEma``), updated in place.
+"""Exponential moving average teachers (HPM's timm ``ModelEma``, MoCo's momentum encoder), updated in place.
 
 The teacher holds copies of the student's parameters and buffers except those under
 ``skip`` (HPM's teacher never uses the reconstruction decoder: not copying it saves
 its memory and its forward pass). ``update`` runs one fused ``_foreach_lerp_``.
+
+Under FSDP2 the teacher's blocks are sharded exactly like the student's (each parameter split
+on dim 0 over the same mesh), so the update is a lerp of local shards: no gather, no communication.
 """
 from __future__ import annotations
 
@@ -10,6 +13,15 @@ import copy
 
 import torch
 import torch.nn as nn
+
+from engine.distributed import local_tensor as _local
+
+# name parts added by wrappers (torch.compile, activation checkpointing) that are not part of a parameter's identity
+_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def canonical_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 class EMATeacher(nn.Module):
@@ -21,10 +33,22 @@ class EMATeacher(nn.Module):
         model.requires_grad_(False)
         model.eval()
         self.model = model
-        student_params = dict(student.named_parameters())
-        student_buffers = dict(student.named_buffers())
-        self._pairs = [(p, student_params[n]) for n, p in model.named_parameters()]
-        self._buffers_pairs = [(b, student_buffers[n]) for n, b in model.named_buffers()]
+        self._student = (student,)   # a tuple, so the student is not registered as a submodule
+        self._pairs: list[tuple[nn.Parameter, nn.Parameter]] | None = None
+        self._buffer_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def rebind(self) -> None:
+        """Pair teacher and student tensors again (after sharding or wrapping replaced the student's)."""
+        self._pairs = None
+
+    def _bind(self) -> None:
+        student = self._student[0]
+        student_params = {canonical_name(n): p for n, p in student.named_parameters()}
+        student_buffers = {canonical_name(n): b for n, b in student.named_buffers()}
+        self._pairs = [(p, student_params[canonical_name(n)]) for n, p in self.model.named_parameters()]
+        self._buffer_pairs = [(b, student_buffers[canonical_name(n)]) for n, b in self.model.named_buffers()]
+        for t, s in self._pairs:
+            assert _local(t).shape == _local(s).shape, "teacher and student must be sharded alike"
 
     def train(self, mode: bool = True):
         # the teacher always stays in eval mode
@@ -33,11 +57,13 @@ class EMATeacher(nn.Module):
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        """teacher <- decay * teacher + (1 - decay) * student."""
-        teacher = [t for t, _ in self._pairs]
-        student = [s.detach() for _, s in self._pairs]
+        """teacher <- decay * teacher + (1 - decay) * student (on this rank's shards under FSDP)."""
+        if self._pairs is None:
+            self._bind()
+        teacher = [_local(t) for t, _ in self._pairs]
+        student = [_local(s).detach() for _, s in self._pairs]
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
-        for t, s in self._buffers_pairs:
+        for t, s in self._buffer_pairs:
             t.copy_(s)
 
 

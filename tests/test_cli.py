@@ -43,6 +43,20 @@ def test_missing_image_folder_says_so(capsys, tmp_path):
     assert "nope" in capsys.readouterr().err
 
 
+def test_checkpoint_and_launch_mistakes_fail_with_a_message(capsys, tmp_path):
+    assert main(["pretrain", "hpm_digits", "--resume", "auto"]) == 2
+    assert "--resume auto needs a fixed run folder" in capsys.readouterr().err
+    assert main(["resume", str(tmp_path / "nope")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err
+    (tmp_path / "run" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    for name in ("COMMIT", ".metadata"):
+        (tmp_path / "run" / "checkpoints" / "step_00000004" / name).write_text("{}")
+    assert main(["pretrain", "hpm_digits", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "already holds checkpoints (newest: step_00000004)" in capsys.readouterr().err
+    assert main(["pretrain", "hpm_digits", "--run-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "x")]) == 2
+    assert "checkpoint folder" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_pretrain_probe_resume_end_to_end(tmp_path):
     """The demo's command line with a tiny model: run folder, probe output, resume, probe command."""
@@ -52,7 +66,8 @@ def test_pretrain_probe_resume_end_to_end(tmp_path):
     assert "linear probe, cls token" in out.stdout and "random init" in out.stdout and str(run_dir) in out.stdout
     probe = json.loads((run_dir / "probe.json").read_text())
     assert 0.1 < probe["linear_cls_pretrained"] <= 1.0 and probe["val_images"] == 359
-    assert sorted(p.name for p in (run_dir / "pictures").iterdir()) == ["hpm_epoch0002.png", "recon_epoch0002.png"]
+    pictures = sorted(p.name for p in (run_dir / "pictures").iterdir())   # after epoch 1 and at the end
+    assert pictures == ["hpm_epoch0001.png", "hpm_epoch0002.png", "recon_epoch0001.png", "recon_epoch0002.png"]
     out = run_cli("resume", str(run_dir), "--set", "train.epochs=3", "--set", "train.probe=false")
     assert out.returncode == 0, out.stderr
     assert "epoch 3/3" in out.stderr
