@@ -20,8 +20,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, guard_compile, guard_triton
-from kernels import _cuda
+from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton
 from kernels import embed_visible_patches, gather_tokens, scatter_tokens
 from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
 from kernels.gather_tokens import gather_tokens_cuda, gather_tokens_ref, gather_tokens_triton
@@ -37,17 +36,6 @@ PROVIDERS = {
 # cannot run on CPU, where the wiring tests expect a timing from every provider in PROVIDERS.
 GPU_PROVIDERS = {"gather_tokens": ("cuda",), "scatter_tokens": ("cuda",)}
 
-
-def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
-    """Add the "cuda" provider where ``device`` is a GPU; skipped, saying why, if the extension is unavailable."""
-    if torch.device(device).type == "cuda":
-        def guarded(mode: str) -> Callable[[], object]:
-            ok, why = _cuda.usable(device)
-            if not ok:
-                raise ProviderUnavailable(why)
-            return factory(mode)
-        providers["cuda"] = guarded
-    return providers
 
 
 @dataclass(frozen=True)

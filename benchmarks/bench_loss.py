@@ -29,8 +29,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, guard_compile, guard_triton
-from kernels import _cuda
+from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton
 from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
 from kernels.patch_loss import patch_loss_cuda, patch_loss_ref, patch_loss_triton
 from kernels.relative_loss import relative_loss_cuda, relative_loss_ref, relative_loss_triton
@@ -46,18 +45,6 @@ MODES = {"patch_loss": ("fwd", "full"), "relative_loss": ("fwd", "full"), "maski
 
 GPU_PROVIDERS = ("cuda",)  # added on CUDA devices only (see add_cuda), so not in PROVIDERS / expected_rows
 
-
-def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
-    """Add the "cuda" provider (the csrc/ kernel) where ``device`` is a GPU; it is skipped, saying why, when
-    the extension cannot be had there. Never on CPU, where it could not run and every provider must time."""
-    if torch.device(device).type == "cuda":
-        def guarded(mode: str) -> Callable[[], object]:
-            ok, why = _cuda.usable(device)
-            if not ok:
-                raise ProviderUnavailable(why)
-            return factory(mode)
-        providers["cuda"] = guarded
-    return providers
 
 
 @dataclass(frozen=True)

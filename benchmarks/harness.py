@@ -406,6 +406,21 @@ def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Call
     return guarded
 
 
+def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
+    """Add the "cuda" provider (the csrc/ kernel) where ``device`` is a GPU, skipped, saying why, when the
+    extension cannot be had there. Never on the CPU, where it could not run and every listed provider must time."""
+    if torch.device(device).type == "cuda":
+        from kernels import _cuda
+
+        def guarded(mode: str) -> Callable[[], object]:
+            ok, why = _cuda.usable(device)
+            if not ok:
+                raise ProviderUnavailable(why)
+            return factory(mode)
+        providers["cuda"] = guarded
+    return providers
+
+
 def cli_main(title: str, description: str, run: Callable, roofline_note: Callable[[dict], str] | None = None, *,
              select: str = "families", flag: str | None = None, choices: Iterable[str] | None = None,
              argv: list[str] | None = None, markdown: Callable[[list[Row]], str] = to_markdown) -> None:
