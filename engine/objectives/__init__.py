@@ -24,6 +24,6 @@ def build_objective(cfg) -> Objective:
     return OBJECTIVES[cfg.objective.name](cfg)
 
 
-from . import hpm, mae  # noqa: E402,F401  (registration)
+from . import hpm, mae, mocov3, simclr  # noqa: E402,F401  (registration)
 
 __all__ = ["OBJECTIVES", "Objective", "StepContext", "build_objective", "register"]
