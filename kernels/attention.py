@@ -36,8 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import triton_usable
-from ._validate import FLOAT_DTYPES, check_tensor
-from .sparse_attention import (MAX_TRITON_HEAD_DIM, ORDER_DTYPES, _check_cu_seqlens, _order_visibility,
+from .sparse_attention import (MAX_TRITON_HEAD_DIM, _order_visibility, check_attention_inputs,
                                sparse_attention_ref, sparse_attention_triton)
 
 ATTENTION_BACKENDS = ("auto", "ours", "sdpa", "flex", "xformers", "reference")
@@ -302,34 +301,6 @@ def auto_choices() -> dict[tuple, str]:
 # Public function
 # ----------------------------------------------------------------------------------------------------------
 
-def _check_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale) -> Optional[int]:
-    """sparse_attention's contract; returns max_seqlen for packed inputs."""
-    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=q.device)
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
-    if q.shape[-1] < 1:
-        raise ValueError("q must have a head dim >= 1")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a python float or None, got {type(scale).__name__}")
-    if q.dim() == 3:
-        if cu_seqlens is None:
-            raise ValueError("packed q [T, H, Dh] needs cu_seqlens (and max_seqlen)")
-        if order is not None:
-            raise ValueError("order is supported for dense [B, H, N, Dh] inputs only")
-        return _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
-    if cu_seqlens is not None or max_seqlen is not None:
-        raise ValueError("cu_seqlens and max_seqlen are for packed [T, H, Dh] inputs; q is [B, H, N, Dh]")
-    if order is not None:
-        check_tensor("order", order, ndim=2, dtypes=ORDER_DTYPES, device=q.device)
-        if tuple(order.shape) != (q.shape[0], q.shape[2]):
-            raise ValueError(f"order must have shape [B, N] = {[q.shape[0], q.shape[2]]}, got {list(order.shape)}")
-    return None
-
-
 def check_attention_backend(name: str, what: str = "backend") -> str:
     """``name`` if it is an attention backend, else a ValueError naming ``what``."""
     if name not in ATTENTION_BACKENDS:
@@ -354,7 +325,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
         call here (not installed, wrong device, no backward).
     """
     check_attention_backend(backend)
-    max_seqlen = _check_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale)
+    max_seqlen = check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale)
     kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, order=order, strict=bool(strict),
                   scale=None if scale is None else float(scale))
     if backend == "auto":

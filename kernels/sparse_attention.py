@@ -579,6 +579,35 @@ def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional
     return max_seqlen
 
 
+def check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale) -> Optional[int]:
+    """The public contract of sparse_attention / attention, with errors naming the argument; returns
+    max_seqlen for packed inputs (derived from cu_seqlens when not given), None for dense ones."""
+    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=q.device)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
+    if q.shape[-1] < 1:
+        raise ValueError("q must have a head dim >= 1")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a python float or None, got {type(scale).__name__}")
+    if q.dim() == 3:
+        if cu_seqlens is None:
+            raise ValueError("packed q [T, H, Dh] needs cu_seqlens (and max_seqlen)")
+        if order is not None:
+            raise ValueError("order is supported for dense [B, H, N, Dh] inputs only")
+        return _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
+    if cu_seqlens is not None or max_seqlen is not None:
+        raise ValueError("cu_seqlens and max_seqlen are for packed [T, H, Dh] inputs; q is [B, H, N, Dh]")
+    if order is not None:
+        check_tensor("order", order, ndim=2, dtypes=ORDER_DTYPES, device=q.device)
+        if tuple(order.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(f"order must have shape [B, N] = {[q.shape[0], q.shape[2]]}, got {list(order.shape)}")
+    return None
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens: Optional[torch.Tensor] = None,
                      max_seqlen: Optional[int] = None, order: Optional[torch.Tensor] = None, strict: bool = False,
                      scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
@@ -599,30 +628,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_se
     Returns:
         Attention output with the shape and dtype of ``q``.
     """
-    check_tensor("q", q, ndim=(3, 4), dtypes=FLOAT_DTYPES)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES, device=q.device)
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
-        if t.shape != q.shape:
-            raise ValueError(f"{name} must have the shape of q {list(q.shape)}, got {list(t.shape)}")
-    if q.shape[-1] < 1:
-        raise ValueError("q must have a head dim >= 1")
-    if q.dim() == 3:
-        if cu_seqlens is None:
-            raise ValueError("packed q [T, H, Dh] needs cu_seqlens (and max_seqlen)")
-        if order is not None:
-            raise ValueError("order is supported for dense [B, H, N, Dh] inputs only")
-        max_seqlen = _check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen, q.device)
-    else:
-        if cu_seqlens is not None or max_seqlen is not None:
-            raise ValueError("cu_seqlens and max_seqlen are for packed [T, H, Dh] inputs; q is [B, H, N, Dh]")
-        if order is not None:
-            check_tensor("order", order, ndim=2, dtypes=ORDER_DTYPES, device=q.device)
-            if tuple(order.shape) != (q.shape[0], q.shape[2]):
-                raise ValueError(f"order must have shape [B, N] = {[q.shape[0], q.shape[2]]}, got {list(order.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a python float or None, got {type(scale).__name__}")
+    max_seqlen = check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale)
     impl = dispatch("sparse_attention", backend, q.device, _IMPLS)
     if impl is sparse_attention_triton and q.shape[-1] > MAX_TRITON_HEAD_DIM:
         raise ValueError(f"q has head dim {q.shape[-1]}; the Triton backend supports up to {MAX_TRITON_HEAD_DIM}")
