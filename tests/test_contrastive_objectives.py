@@ -170,7 +170,7 @@ def test_short_run_loss_decreases(tmp_path, objective, min_drop):
 
 def test_mocov3_resume_is_exact(tmp_path):
     """The momentum encoder is checkpointed and the momentum recomputed: 1 epoch + resume == 2 straight."""
-    cfg = tiny_cfg("mocov3", "train.epochs=2")
+    cfg = tiny_cfg("mocov3", "train.epochs=2", "train.save_every=1")
     straight = pretrain(cfg, run_dir=tmp_path / "a", show_progress=False)
     pretrain(cfg, run_dir=tmp_path / "b", show_progress=False)
     shutil.rmtree(list_checkpoints(tmp_path / "b")[-1])   # a crash before the last epoch's checkpoint
