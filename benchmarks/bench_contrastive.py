@@ -27,13 +27,12 @@ cases; a tiny fp32 case on CPU (Triton under the interpreter: the numbers only c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
+from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, loss_steps
 from kernels import _cuda
 from kernels._backend import triton_usable
 from kernels.info_nce import info_nce, info_nce_ref
@@ -102,18 +101,6 @@ def nt_xent_chunked(z1, z2, temperature: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Providers
 # ---------------------------------------------------------------------------------------------
-def _steps(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[str], Callable[[], object]]:
-    """"fwd" runs the loss; "full" also back-propagates it into ``leaves`` (grads cleared each step)."""
-    def factory(mode: str) -> Callable[[], object]:
-        if mode == "fwd":
-            return forward
-
-        def full():
-            for leaf in leaves:
-                leaf.grad = None
-            forward().backward()
-        return full
-    return factory
 
 
 def _guard_memory(device, matrix: int, copies: int, factory):
@@ -191,11 +178,11 @@ def _case(family: str, s: Shape, device, compile_backend: str):
     leaves = [a, b]
     copies = 3 if family == "info_nce" else 4  # logits, scaled logits, log-softmax (+ the transposed direction)
     providers = {
-        "reference": _guard_memory(device, matrix, copies, _steps(ref, leaves)),
-        "compile": _guard_memory(device, matrix, 3, _guard_compile(_steps(compiled, leaves))),
-        "chunked": _steps(chunked, leaves),
-        "triton": _guard_triton(device, _steps(fast, leaves)),
-        "cuda": _guard_cuda(device, _steps(cuda, leaves) if cuda is not None else None),
+        "reference": _guard_memory(device, matrix, copies, loss_steps(ref, leaves)),
+        "compile": _guard_memory(device, matrix, 3, _guard_compile(loss_steps(compiled, leaves))),
+        "chunked": loss_steps(chunked, leaves),
+        "triton": _guard_triton(device, loss_steps(fast, leaves)),
+        "cuda": _guard_cuda(device, loss_steps(cuda, leaves) if cuda is not None else None),
     }
     flops = 2 * matrix**2 * s.dim
     return providers, {"fwd": flops, "full": 4 * flops}

@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton
+from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton, loss_steps
 from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
 from kernels.patch_loss import patch_loss_cuda, patch_loss_ref, patch_loss_triton
 from kernels.relative_loss import relative_loss_cuda, relative_loss_ref, relative_loss_triton
@@ -74,18 +74,6 @@ def expected_rows(tiny: bool) -> list[tuple[str, str]]:
             for provider in PROVIDERS[family]]
 
 
-def _steps(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]) -> Callable[[str], Callable[[], object]]:
-    """Provider factory: "fwd" runs ``forward``; "full" also back-propagates into ``leaves``."""
-    def factory(mode: str) -> Callable[[], object]:
-        if mode == "fwd":
-            return forward
-
-        def full():
-            for leaf in leaves:
-                leaf.grad = None
-            forward().backward()
-        return full
-    return factory
 
 
 
@@ -101,12 +89,12 @@ def _patch_loss_case(s: Shape, device, compile_backend: str):
     compiled = _compiled(patch_loss_ref, compile_backend)
     args = (pred, target, mask, True, 1e-6)
     providers = {
-        "reference": _steps(lambda: patch_loss_ref(*args)[0], [pred]),
-        "compile": guard_compile(_steps(lambda: compiled(*args)[0], [pred])),
-        "triton": guard_triton(device, _steps(lambda: patch_loss_triton(*args)[0], [pred])),
-        "triton_api": guard_triton(device, _steps(lambda: patch_loss(*args, backend="triton")[0], [pred])),
+        "reference": loss_steps(lambda: patch_loss_ref(*args)[0], [pred]),
+        "compile": guard_compile(loss_steps(lambda: compiled(*args)[0], [pred])),
+        "triton": guard_triton(device, loss_steps(lambda: patch_loss_triton(*args)[0], [pred])),
+        "triton_api": guard_triton(device, loss_steps(lambda: patch_loss(*args, backend="triton")[0], [pred])),
     }
-    add_cuda(device, providers, _steps(lambda: patch_loss_cuda(*args)[0], [pred]))
+    add_cuda(device, providers, loss_steps(lambda: patch_loss_cuda(*args)[0], [pred]))
     # minimal traffic: read pred and target once, read mask and write per_patch, [write grad_pred]
     n, rows = pred.numel(), s.batch * s.num_patches
     fwd = n * (pred.element_size() + target.element_size()) + rows * (mask.element_size() + 4)
@@ -118,13 +106,13 @@ def _relative_loss_case(s: Shape, device, compile_backend: str):
     true_loss = torch.rand(s.batch, s.num_masked, device=device)
     compiled = _compiled(relative_loss_ref, compile_backend)
     providers = {
-        "reference": _steps(lambda: relative_loss_ref(score, true_loss, True), [score]),
-        "compile": guard_compile(_steps(lambda: compiled(score, true_loss, True), [score])),
-        "triton": guard_triton(device, _steps(lambda: relative_loss_triton(score, true_loss, True), [score])),
-        "triton_api": guard_triton(device, _steps(lambda: relative_loss(score, true_loss, backend="triton"),
+        "reference": loss_steps(lambda: relative_loss_ref(score, true_loss, True), [score]),
+        "compile": guard_compile(loss_steps(lambda: compiled(score, true_loss, True), [score])),
+        "triton": guard_triton(device, loss_steps(lambda: relative_loss_triton(score, true_loss, True), [score])),
+        "triton_api": guard_triton(device, loss_steps(lambda: relative_loss(score, true_loss, backend="triton"),
                                                    [score])),
     }
-    add_cuda(device, providers, _steps(lambda: relative_loss_cuda(score, true_loss, True), [score]))
+    add_cuda(device, providers, loss_steps(lambda: relative_loss_cuda(score, true_loss, True), [score]))
     # O(B*M): read scores and true losses, [write the scores' gradient]; the M*M pairs stay on chip
     fwd = score.numel() * (score.element_size() + true_loss.element_size())
     return providers, {"fwd": fwd, "full": fwd + score.numel() * score.element_size()}

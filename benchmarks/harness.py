@@ -406,6 +406,21 @@ def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Call
     return guarded
 
 
+def loss_steps(forward: Callable[[], torch.Tensor], leaves: list) -> Callable[[str], Callable[[], object]]:
+    """Provider factory for an op returning a scalar loss: "fwd" runs ``forward``; "full" also back-propagates
+    the loss into ``leaves`` (their .grad cleared each step, as an optimizer would)."""
+    def factory(mode: str) -> Callable[[], object]:
+        if mode == "fwd":
+            return forward
+
+        def full():
+            for leaf in leaves:
+                leaf.grad = None
+            forward().backward()
+        return full
+    return factory
+
+
 def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], object]]) -> dict:
     """Add the "cuda" provider (the csrc/ kernel) where ``device`` is a GPU, skipped, saying why, when the
     extension cannot be had there. Never on the CPU, where it could not run and every listed provider must time."""
