@@ -28,6 +28,18 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def poison_allocations(monkeypatch):
+    """Every torch.empty / empty_like starts as NaN (integers as -1), so an output a kernel leaves unwritten shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     if not torch.cuda.is_available():

@@ -198,15 +198,8 @@ def _nan_alloc(shape, *, dtype, device):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(monkeypatch, poison_allocations):
     """Every buffer the CUDA paths allocate starts as NaN (or -7 / -1), so an unwritten element shows."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan") if t.is_floating_point() else -1)
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(empty_like(*a, **k)))
     monkeypatch.setattr(gather_module, "_alloc", _nan_alloc)
     monkeypatch.setattr(scatter_module, "_alloc", _nan_alloc)
 
