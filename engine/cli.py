@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     q = sub.add_parser("probe", help="linear probe and kNN of a run's encoder vs a random encoder")
     q.add_argument("run_dir", type=Path)
+    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's saved config (e.g. train.probe_shots=10)")
     sub.add_parser("presets", help="list the presets in configs/")
     return parser
 
@@ -53,9 +55,14 @@ PROBE_ROWS = (("linear probe, cls token", "linear_cls"), ("linear probe, mean of
 
 
 def format_probe(p: dict) -> str:
-    lines = [f"{'held-out accuracy (' + str(p['val_images']) + ' images)':<36}{'pre-trained':>12}{'random init':>13}"]
-    for title, key in PROBE_ROWS:
-        lines.append(f"{title:<36}{100 * p[key + '_pretrained']:>11.1f}%{100 * p[key + '_random']:>12.1f}%")
+    rows = list(PROBE_ROWS)
+    if p.get("shots"):   # probes written before the few-label rows existed have no "shots"
+        rows[2:2] = [(f"linear probe, {p['shots']} labels/class, cls", "few_shot_cls"),
+                     (f"linear probe, {p['shots']} labels/class, mean", "few_shot_mean")]
+    width = max(len(title) for title, _ in rows) + 2
+    lines = [f"{'held-out accuracy (' + str(p['val_images']) + ' images)':<{width}}{'pre-trained':>12}{'random init':>13}"]
+    for title, key in rows:
+        lines.append(f"{title:<{width}}{100 * p[key + '_pretrained']:>11.1f}%{100 * p[key + '_random']:>12.1f}%")
     return "\n".join(lines)
 
 
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path.stem)
             return 0
         if args.command == "probe":
-            return _probe(args.run_dir)
+            return _probe(args.run_dir, args.overrides)
         from engine.train import pretrain
 
         if args.command == "resume":
@@ -101,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _probe(run_dir: Path) -> int:
+def _probe(run_dir: Path, overrides: list[str]) -> int:
     import torch
 
     from engine.checkpoint import latest_checkpoint, load_checkpoint
@@ -112,7 +119,7 @@ def _probe(run_dir: Path) -> int:
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", overrides)
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")

@@ -150,6 +150,7 @@ class TrainConfig:
     dist_timeout_s: int = 600       # rendezvous and collective timeout
     probe: bool = True              # linear probe (pre-trained vs random encoder) at the end
     probe_max_images: int = 10000
+    probe_shots: int = 5            # also a linear probe fitted on this many labels per class (mean of 20 draws); 0 = off
 
 
 @dataclass(kw_only=True)
@@ -375,6 +376,7 @@ def validate(cfg: Config) -> None:
     _require(t.cpu_threads >= 0, f"train.cpu_threads must be >= 0, got {t.cpu_threads}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    _require(t.probe_shots >= 0, f"train.probe_shots must be >= 0 (0 = no few-label probe), got {t.probe_shots}")
     _require(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")
     _require(t.keep_checkpoints >= 2, f"train.keep_checkpoints must be >= 2 (the newest checkpoint may be the one "
              f"being replaced when a run dies), got {t.keep_checkpoints}")

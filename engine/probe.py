@@ -1,15 +1,16 @@
-"""Linear probe and kNN of an encoder against a randomly initialised one of the same shape."""
+"""Linear probe (every label, and a few per class) and kNN of an encoder against a randomly initialised one."""
 from __future__ import annotations
 
 import torch
 
 from engine.config import Config
 from engine.data import build_eval_data
-from engine.eval import extract_features, knn_accuracy, linear_probe
+from engine.eval import extract_features, few_shot_linear_probe, knn_accuracy, linear_probe
 from engine.models.mae import MaskedAutoencoder
 
 
-def probe_encoder(encoder, data, device) -> dict:
+def probe_encoder(encoder, data, device, shots: int = 0) -> dict:
+    """Accuracies keyed linear_{pool}, knn_{pool} and, with ``shots`` > 0, few_shot_{pool} (pool: cls, mean)."""
     train_x, train_y, val_x, val_y = data
     was_training = encoder.training
     encoder.eval()
@@ -19,6 +20,8 @@ def probe_encoder(encoder, data, device) -> dict:
                                            device=device) for imgs in (train_x, val_x))
         result[f"linear_{pool}"] = linear_probe(train_f, train_y, val_f, val_y)
         result[f"knn_{pool}"] = knn_accuracy(train_f, train_y, val_f, val_y)
+        if shots:
+            result[f"few_shot_{pool}"] = few_shot_linear_probe(train_f, train_y, val_f, val_y, shots)
     encoder.train(was_training)
     return result
 
@@ -32,7 +35,9 @@ def run_probe(cfg: Config, encoder, device) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
         random_encoder = MaskedAutoencoder(cfg.model).encoder.to(device)
-    pretrained = probe_encoder(encoder, data, device)
-    random = probe_encoder(random_encoder, data, device)
+    # a small labelled folder may lack `shots` train images of some class: that probe is then left out
+    shots = cfg.train.probe_shots if int(data[1].bincount().min()) >= cfg.train.probe_shots else 0
+    pretrained = probe_encoder(encoder, data, device, shots)
+    random = probe_encoder(random_encoder, data, device, shots)
     out = {f"{k}_{who}": v for who, res in (("pretrained", pretrained), ("random", random)) for k, v in res.items()}
-    return {**out, "train_images": len(data[0]), "val_images": len(data[2])}
+    return {**out, "train_images": len(data[0]), "val_images": len(data[2]), "shots": shots}

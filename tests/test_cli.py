@@ -66,12 +66,14 @@ def test_pretrain_probe_resume_end_to_end(tmp_path):
     assert "linear probe, cls token" in out.stdout and "random init" in out.stdout and str(run_dir) in out.stdout
     probe = json.loads((run_dir / "probe.json").read_text())
     assert 0.1 < probe["linear_cls_pretrained"] <= 1.0 and probe["val_images"] == 359
+    assert probe["shots"] == 5 and 0.0 < probe["few_shot_mean_random"] <= 1.0
+    assert "linear probe, 5 labels/class, mean" in out.stdout
     pictures = sorted(p.name for p in (run_dir / "pictures").iterdir())   # after epoch 1 and at the end
     assert pictures == ["hpm_epoch0001.png", "hpm_epoch0002.png", "recon_epoch0001.png", "recon_epoch0002.png"]
     out = run_cli("resume", str(run_dir), "--set", "train.epochs=3", "--set", "train.probe=false")
     assert out.returncode == 0, out.stderr
     assert "epoch 3/3" in out.stderr
-    out = run_cli("probe", str(run_dir))
+    out = run_cli("probe", str(run_dir), "--set", "train.probe_shots=0")
     assert out.returncode == 0, out.stderr
-    assert "kNN (k=20), mean of patch tokens" in out.stdout
+    assert "kNN (k=20), mean of patch tokens" in out.stdout and "labels/class" not in out.stdout
     assert json.loads((run_dir / "probe.json").read_text())["val_images"] == 359

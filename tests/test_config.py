@@ -42,6 +42,7 @@ def test_overrides_are_typed():
     ("data.name=cifar", "data.name must be one of"),
     ("data.crop_scale=[0.9, 0.1]", "data.crop_scale"),
     ("train.backend=fast", "train.backend must be one of"),
+    ("train.probe_shots=-1", "train.probe_shots must be >= 0"),
     ("objective.norm_pix=1", "objective.norm_pix must be true or false"),
     ("epochs=3", "unknown config key epochs"),
     ("train.epochs", "must look like section.key=value"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.data import load_digits
-from engine.eval import extract_features, knn_accuracy, linear_probe, rowwise_spearman, spearman
+from engine.eval import (extract_features, few_shot_linear_probe, knn_accuracy, linear_probe, rowwise_spearman,
+                         spearman)
 
 
 def _clusters(num_per_class: int, num_classes: int = 5, dim: int = 32, seed: int = 0):
@@ -58,6 +59,35 @@ def test_linear_probe_on_digits_pixels_and_random_features():
     acc = linear_probe(torch.relu(train_x.flatten(1) @ projection), train_y,
                        torch.relu(val_x.flatten(1) @ projection), val_y, max_iter=100)
     assert acc > 0.85
+
+
+def test_few_shot_probe_is_the_mean_of_class_balanced_draws():
+    train_x, train_y = _clusters(30)
+    val_x, val_y = _clusters(30)   # the same centres and points, plus noise
+    val_x = val_x + 8.0 * torch.randn(val_x.shape, generator=torch.Generator().manual_seed(2))
+    acc = few_shot_linear_probe(train_x, train_y, val_x, val_y, shots=2, draws=3, seed=7)
+    expected = []
+    for draw in range(3):   # the documented draw: per class, the first `shots` of a permutation seeded by seed + draw
+        g = torch.Generator().manual_seed(7 + draw)
+        picked = torch.cat([torch.nonzero(train_y == c).flatten()[torch.randperm(30, generator=g)[:2]]
+                            for c in range(5)])
+        assert train_y[picked].bincount().tolist() == [2] * 5
+        expected.append(linear_probe(train_x[picked], train_y[picked], val_x, val_y))
+    assert acc == pytest.approx(sum(expected) / 3)
+    assert 0.5 < acc < 1.0   # the noisy val set is not perfectly classified from 2 labels per class
+    assert acc == few_shot_linear_probe(train_x, train_y, val_x, val_y, shots=2, draws=3, seed=7)
+    assert few_shot_linear_probe(train_x, train_y, val_x, val_y, shots=30, draws=2) == pytest.approx(
+        linear_probe(train_x, train_y, val_x, val_y), abs=1e-6)   # every sample, in another order
+
+
+def test_few_shot_probe_rejects_bad_arguments():
+    train_x, train_y = _clusters(3)
+    with pytest.raises(ValueError, match="shots=4 .* classes \\[0, 1, 2, 3, 4\\] have only \\[3, 3, 3, 3, 3\\]"):
+        few_shot_linear_probe(train_x, train_y, train_x, train_y, shots=4)
+    with pytest.raises(ValueError, match="shots and draws must be >= 1"):
+        few_shot_linear_probe(train_x, train_y, train_x, train_y, shots=0)
+    with pytest.raises(ValueError, match="shots and draws must be >= 1"):
+        few_shot_linear_probe(train_x, train_y, train_x, train_y, shots=1, draws=0)
 
 
 def test_knn_separable_and_random():
