@@ -39,8 +39,7 @@ from types import SimpleNamespace
 import torch
 
 import kernels
-from benchmarks.harness import (ProviderUnavailable, Row, describe_roofline, device_roofline, emit_row, environment,
-                                keep_going, notes_markdown, short_error, to_json)
+from benchmarks.harness import ProviderUnavailable, Row, device_roofline, emit_row, keep_going, report, short_error
 from engine.config import load_config
 from engine.objectives import StepContext, build_objective
 from engine.optim import base_lr, build_optimizer
@@ -287,21 +286,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rep", type=int, help="timed steps, median reported (default 10; 1 tiny)")
     args = parser.parse_args(argv)
     tiny = args.tiny or torch.device(args.device).type == "cpu"
-    env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, warmup=args.warmup, rep=args.rep, objectives=args.objectives, archs=args.archs,
-               providers=args.providers, max_batch=args.max_batch)
-    print(f"# training step on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"commit {env['git_commit']}, {env['date']})")
-    print(describe_roofline(roof) + "\n")
-    print(markdown(rows))
-    notes = notes_markdown(rows)
-    if notes:
-        print("\nNo timing:\n" + notes)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
-
+    report("training step", lambda: run(args.device, tiny, warmup=args.warmup, rep=args.rep,
+                                        objectives=args.objectives, archs=args.archs, providers=args.providers,
+                                        max_batch=args.max_batch),
+           args.device, tiny, args.json, markdown=markdown)
 
 if __name__ == "__main__":
     main()

@@ -453,18 +453,27 @@ def cli_main(title: str, description: str, run: Callable, roofline_note: Callabl
                         help=f"which {flag or select} to run (default: all)")
     args = parser.parse_args(argv)
     tiny = args.tiny or torch.device(args.device).type == "cpu"
+    report(title, lambda: run(args.device, tiny, **{select: getattr(args, select)}), args.device, tiny, args.json,
+           roofline_note or describe_roofline, markdown)
+
+
+def report(title: str, run: Callable[[], list[Row]], device: str, tiny: bool, json_path: str | None,
+           roofline_note: Callable[[dict], str] = describe_roofline,
+           markdown: Callable[[list[Row]], str] = to_markdown) -> None:
+    """Measure the rooflines, ``run()`` the rows, print them under the environment (with the reasons of rows
+    without a timing) and optionally write JSON: the output of every benchmark command line."""
     env = environment()
-    roof = device_roofline(args.device)
-    rows = run(args.device, tiny, **{select: getattr(args, select)})
+    roof = device_roofline(device)
+    rows = run()
     print(f"# {title} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"commit {env['git_commit']}, {env['date']})")
-    print((roofline_note or describe_roofline)(roof) + "\n")
+    print(roofline_note(roof) + "\n")
     print(markdown(rows))
     notes = notes_markdown(rows)
     if notes:
         print("\nNo timing:\n" + notes)
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_path:
+        with open(json_path, "w") as f:
             f.write(to_json(rows, {**env, "roofline": roof, "tiny": tiny}))
 
 
