@@ -287,6 +287,7 @@ class Trainer:
             if (epoch + 1) % t.save_every == 0 or last or self._step_save_due():
                 self.save()
         probe = self.probe() if t.probe else None
+        barrier(self.dist)   # the ranks leave together: tearing a group down under a peer still using it can abort it
         if self.metrics_file is not None:
             self.metrics_file.close()
         return RunResult(self.run_dir, self.last_loss, probe, self.dist.is_main)

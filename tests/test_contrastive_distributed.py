@@ -67,6 +67,9 @@ def _worker(rank: int, port: int, out_path: str) -> None:
                 results[backend, case] = r
         if rank == 0:
             torch.save(results, out_path)
+        # leave together: a rank tearing gloo down while its peer still holds the connection can abort the
+        # peer ("terminate called without an active exception", seen once in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
