@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 pretrain: $(STAMP)
-	$(PY) -m engine pretrain $(CONFIG)
+	$(PY) -m sslpt pretrain $(CONFIG)
 
 # Triton kernels run on the CPU under the interpreter; it must be set before they are defined.
 test: $(STAMP)
@@ -29,7 +29,7 @@ test: $(STAMP)
 bench-cpu: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks --benchmark-only -q
 
-# The CUDA extension kernels._C, built in place (needs nvcc, not a GPU; kernels/_cuda.py has the recipe).
+# The CUDA extension sslpt.kernels._C, built in place (needs nvcc, not a GPU; kernels/_cuda.py has the recipe).
 # Optional: where it is missing, backend="cuda" builds it on first use when a GPU and nvcc are present.
 cuda-ext: $(STAMP)
 	SSL_FORCE_CUDA_BUILD=1 $(PY) setup.py build_ext --inplace

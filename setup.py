@@ -1,4 +1,5 @@
-"""Install ``kernels`` and ``engine``; build the CUDA extension ``kernels._C`` only when asked
+"""Install the ``sslpt`` package (the folders kernels/, engine/, configs/, csrc/ as ``sslpt.kernels``,
+``sslpt.engine``, ``sslpt.configs``, ``sslpt.csrc``); build the CUDA extension ``sslpt.kernels._C`` only when asked
 or when a CUDA build of PyTorch and a CUDA toolchain are both present.
 
 Environment flags (flash-attention's pattern):
@@ -51,12 +52,12 @@ def cuda_extensions():
         return [], {}
     # The .cu files need no torch header: nvcc compiles them (build_ext below) and the binding, an ordinary
     # C++ torch extension, links the objects. CUDAExtension is not used: the CPU build of torch has no CUDA home.
-    ext = CppExtension(name="kernels._C", sources=["csrc/bindings.cpp"], include_dirs=["csrc"],
+    ext = CppExtension(name="sslpt.kernels._C", sources=["csrc/bindings.cpp"], include_dirs=["csrc"],
                        extra_compile_args=["-O2"], extra_link_args=helper.link_args(home))
 
     class BuildWithNvcc(BuildExtension):
         def build_extension(self, extension):
-            if extension.name != "kernels._C":
+            if extension.name != "sslpt.kernels._C":
                 return super().build_extension(extension)
             try:
                 objects = helper.build_objects(os.path.join(os.path.abspath(self.build_temp), "cuda_objects"),
@@ -64,7 +65,7 @@ def cuda_extensions():
                 extension.extra_objects = [*extension.extra_objects, *objects]
                 super().build_extension(extension)
             except Exception as exc:  # noqa: BLE001 - never fail the install over the optional extension
-                warnings.warn(f"building the CUDA extension kernels._C failed, continuing without it: {exc}")
+                warnings.warn(f"building the CUDA extension sslpt.kernels._C failed, continuing without it: {exc}")
 
     return [ext], {"build_ext": BuildWithNvcc}
 
@@ -72,25 +73,34 @@ def cuda_extensions():
 ext_modules, cmdclass = cuda_extensions()
 
 setup(
-    name="ssl-kernels-engine",
-    version="0.1.0",
+    name="sslpt",
+    version="0.2.0",
     description="Kernel-backed engine for self-supervised visual pre-training (HPM, MAE, contrastive)",
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*"]),
+    # the top-level folders become subpackages of one distinctive import name (see sslpt/__init__.py)
+    packages=["sslpt", "sslpt.configs", "sslpt.csrc"] + [f"sslpt.{name}" for name in
+                                                          find_packages(include=["kernels", "kernels.*", "engine",
+                                                                                 "engine.*"])],
+    package_dir={"sslpt": "sslpt", "sslpt.kernels": "kernels", "sslpt.engine": "engine",
+                 "sslpt.configs": "configs", "sslpt.csrc": "csrc"},
+    # presets, and the CUDA sources the extension is built from on first use
+    package_data={"sslpt": ["py.typed"], "sslpt.configs": ["*.toml"],
+                  "sslpt.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp", "*.md"]},
     install_requires=[
         "torch>=2.6",
         "numpy",
+        "pillow",   # images: the folder data set and the pictures every run writes
         'triton; platform_system == "Linux" and platform_machine == "x86_64"',
         'tomli; python_version < "3.11"',
     ],
     extras_require={
-        # the embedded digits data set, images and pictures of the demo run
-        "demo": ["scikit-learn", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "pillow"],
+        # the embedded digits data set (scikit-learn ships it)
+        "demo": ["scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn"],
     },
-    entry_points={"console_scripts": ["ssl-engine = engine.cli:main"]},
+    entry_points={"console_scripts": ["sslpt = sslpt.engine.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -7,7 +7,7 @@ Providers:
     flex            torch.compile(flex_attention) with a block mask from the order / sample ids (CUDA only)
     xformers        xformers.ops.memory_efficient_attention (BlockDiagonalMask when packed; CUDA only)
     varlen          torch.nn.attention.varlen.varlen_attn (packed case only; CUDA only)
-    triton          sparse_attention(backend="triton") ("ours" in kernels.attention)
+    triton          sparse_attention(backend="triton") (kernels.attention(backend="triton") runs the same kernels)
     auto            kernels.attention(backend="auto"): SDPA on CPU; on CUDA the backend it measured fastest for
                     the case (the choice is printed; the measuring happens before timing); unlike the rows
                     above, the masks and padding it builds are timed: that is what the ViT pays per call
@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
-from kernels._backend import triton_usable
-from kernels.attention import _xformers_order_bias, attention, auto_choices
-from kernels.sparse_attention import sparse_attention, sparse_attention_ref
+from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.attention import _xformers_order_bias, attention, auto_choices
+from sslpt.kernels.sparse_attention import sparse_attention, sparse_attention_ref
 
 PROVIDERS = ("reference", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "xformers", "triton",
              "auto")

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, loss_steps
-from kernels import _cuda
-from kernels._backend import triton_usable
-from kernels.info_nce import info_nce, info_nce_ref
-from kernels.nt_xent import nt_xent, nt_xent_ref
+from sslpt.kernels import _cuda
+from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.info_nce import info_nce, info_nce_ref
+from sslpt.kernels.nt_xent import nt_xent, nt_xent_ref
 
 FAMILIES = ("info_nce", "info_nce_symmetric", "nt_xent")
 PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda")

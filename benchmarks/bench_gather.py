@@ -21,10 +21,10 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton
-from kernels import embed_visible_patches, gather_tokens, scatter_tokens
-from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
-from kernels.gather_tokens import gather_tokens_cuda, gather_tokens_ref, gather_tokens_triton
-from kernels.scatter_tokens import scatter_tokens_cuda, scatter_tokens_ref, scatter_tokens_triton
+from sslpt.kernels import embed_visible_patches, gather_tokens, scatter_tokens
+from sslpt.kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
+from sslpt.kernels.gather_tokens import gather_tokens_cuda, gather_tokens_ref, gather_tokens_triton
+from sslpt.kernels.scatter_tokens import scatter_tokens_cuda, scatter_tokens_ref, scatter_tokens_triton
 
 FAMILIES = ("gather_tokens", "scatter_tokens", "embed_visible_patches")
 PROVIDERS = {
@@ -32,7 +32,7 @@ PROVIDERS = {
     "scatter_tokens": ("reference", "compile", "triton", "triton_api"),
     "embed_visible_patches": ("reference", "compile", "triton", "triton_api", "embed_all_then_gather"),
 }
-# "cuda" (the csrc/ kernel, kernels._C) runs for gather_tokens and scatter_tokens on GPUs only (add_cuda): it
+# "cuda" (the csrc/ kernel, sslpt.kernels._C) runs for gather_tokens and scatter_tokens on GPUs only (add_cuda): it
 # cannot run on CPU, where the wiring tests expect a timing from every provider in PROVIDERS.
 GPU_PROVIDERS = {"gather_tokens": ("cuda",), "scatter_tokens": ("cuda",)}
 

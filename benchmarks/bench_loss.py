@@ -30,9 +30,9 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Row, add_cuda, bench, cli_main, guard_compile, guard_triton, loss_steps
-from kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
-from kernels.patch_loss import patch_loss_cuda, patch_loss_ref, patch_loss_triton
-from kernels.relative_loss import relative_loss_cuda, relative_loss_ref, relative_loss_triton
+from sslpt.kernels import hard_patch_masking, patch_loss, random_masking, relative_loss
+from sslpt.kernels.patch_loss import patch_loss_cuda, patch_loss_ref, patch_loss_triton
+from sslpt.kernels.relative_loss import relative_loss_cuda, relative_loss_ref, relative_loss_triton
 
 FAMILIES = ("patch_loss", "relative_loss", "masking")
 PROVIDERS = {

@@ -38,12 +38,12 @@ from types import SimpleNamespace
 
 import torch
 
-import kernels
+from sslpt import kernels
 from benchmarks.harness import ProviderUnavailable, Row, device_roofline, emit_row, keep_going, report, short_error
-from engine.config import load_config
-from engine.objectives import StepContext, build_objective
-from engine.optim import base_lr, build_optimizer
-from engine.train import Trainer, peak_tflops, step_generator
+from sslpt.engine.config import load_config
+from sslpt.engine.objectives import StepContext, build_objective
+from sslpt.engine.optim import base_lr, build_optimizer
+from sslpt.engine.train import Trainer, peak_tflops, step_generator
 
 FAMILY = "train_step"
 OBJECTIVES = ("mae", "hpm")
@@ -62,7 +62,7 @@ def backend_for(provider: str, device) -> str:
     kernels under the interpreter there when it is on (else it is the reference too)."""
     if provider != "kernels":
         return "reference"
-    from kernels._backend import triton_usable
+    from sslpt.kernels._backend import triton_usable
 
     if torch.device(device).type == "cpu" and triton_usable(torch.device("cpu"))[0]:
         return "triton"
@@ -94,18 +94,19 @@ class StepBench:
             objective = build_objective(cfg)
         objective.to(self.device).train()
         self.epoch = cfg.train.epochs - 1  # HPM's final schedule: the teacher runs, num_hard is largest
-        objective.on_epoch_start(self.epoch)
         batch = cfg.train.batch_size
         optimizer = build_optimizer(objective.trainable, cfg.optim, base_lr(cfg.optim, batch))
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         if provider == "compile":
             objective.compile(backend=compile_backend, dynamic=False)
         # Trainer.train_step reads only these attributes: call the engine's own step on them
-        self.trainer = SimpleNamespace(cfg=cfg, device=self.device, objective=objective, optimizer=optimizer,
+        self.trainer = SimpleNamespace(cfg=cfg, device=self.device, objective=objective, optimizers=[optimizer],
                                        scaler=scaler)
         m = cfg.model
         self.imgs = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=self.device)
-        self.ctx = StepContext(self.epoch, 0, step_generator(cfg.train.seed, self.epoch, 0, 0, self.device))
+        self.ctx = StepContext(epoch=self.epoch, step=self.epoch, steps_per_epoch=1, epochs=cfg.train.epochs,
+                               generator=step_generator(cfg.train.seed, self.epoch, 0, 0, self.device))
+        objective.on_epoch_start(self.ctx)
         self.flops_per_image = objective.flops_per_image()
 
     def __call__(self) -> torch.Tensor:

@@ -6,7 +6,7 @@
 Stages, each in its own subprocess with its own timeout (so one hang or crash loses only its own stage):
     roofline        the environment, and the device's copy bandwidth and bf16 matmul rate, measured once;
                     every later stage grades its rows against this file ($BENCH_ROOFLINE_FILE)
-    cuda_extension  builds/loads kernels._C (a JIT build where the package was not installed; its cache
+    cuda_extension  builds/loads sslpt.kernels._C (a JIT build where the package was not installed; its cache
                     then serves the later stages); skipped when csrc/ has no sources
     gpu_tests       pytest -m gpu tests/
     bench stages    train_step (ViT-B and ViT-L, our kernels and the reference), attention, contrastive,
@@ -137,7 +137,7 @@ def run_child(cmd: list[str], env: dict, timeout: float, log_path: str) -> tuple
 
 EXTENSION_PROBE = """
 import json, kernels
-from kernels._backend import cuda_extension
+from sslpt.kernels._backend import cuda_extension
 ext = cuda_extension()
 ops = sorted(n for n in dir(ext) if not n.startswith('_')) if ext is not None else []
 print('EXTENSION ' + json.dumps({'loaded': ext is not None, 'module': getattr(ext, '__file__', None), 'ops': ops}))
@@ -171,7 +171,7 @@ def run_stage(stage: Stage, out_dir: str, env: dict, timeout: float) -> None:
             os.remove(rows_path)
         env = {**env, "BENCH_ROWS_JSONL": rows_path}
         cmd = py + ["-m", *stage.args, "--json", os.path.join(out_dir, f"{stage.name}.json")]
-    shown = "-c <load kernels._C>" if stage.kind == "extension" else " ".join(cmd[1:])[:160]
+    shown = "-c <load sslpt.kernels._C>" if stage.kind == "extension" else " ".join(cmd[1:])[:160]
     print(f"[gpu_check] {stage.name}: python {shown} (timeout {timeout:.0f} s)", flush=True)
     rc, timed_out, seconds = run_child(cmd, env, timeout, log_path)
     stage.rc, stage.seconds, stage.log = rc, seconds, _read(log_path)
@@ -340,9 +340,9 @@ def report(stages: list[Stage], out_dir: str, env: dict, roof: dict | None, budg
         elif s.kind == "extension":
             e = s.extra
             if e.get("loaded"):
-                result = "kernels._C loaded: " + ", ".join(e.get("ops", [])[:12])
+                result = "sslpt.kernels._C loaded: " + ", ".join(e.get("ops", [])[:12])
             else:
-                result = e.get("reason", "kernels._C not loaded: the ops run on Triton")
+                result = e.get("reason", "sslpt.kernels._C not loaded: the ops run on Triton")
         elif s.kind == "bench" and (s.rc is not None or s.status == "timed out"):
             rows, complete = load_rows(s, out_dir)
             timed = sum(1 for r in rows if r.get("ms") is not None)

@@ -396,7 +396,7 @@ def guard_compile(factory: Callable[[str], Callable[[], object]]) -> Callable[[s
 
 def guard_triton(device, factory: Callable[[str], Callable[[], object]]) -> Callable[[str], Callable[[], object]]:
     """Skip the Triton provider, saying why, where Triton cannot run on ``device``."""
-    from kernels._backend import triton_usable
+    from sslpt.kernels._backend import triton_usable
 
     def guarded(mode: str) -> Callable[[], object]:
         ok, why = triton_usable(torch.device(device))
@@ -425,7 +425,7 @@ def add_cuda(device, providers: dict, factory: Callable[[str], Callable[[], obje
     """Add the "cuda" provider (the csrc/ kernel) where ``device`` is a GPU, skipped, saying why, when the
     extension cannot be had there. Never on the CPU, where it could not run and every listed provider must time."""
     if torch.device(device).type == "cuda":
-        from kernels import _cuda
+        from sslpt.kernels import _cuda
 
         def guarded(mode: str) -> Callable[[], object]:
             ok, why = _cuda.usable(device)

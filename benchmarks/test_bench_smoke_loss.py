@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from benchmarks import bench_loss
-from kernels import hard_patch_masking, random_masking
-from kernels.patch_loss import patch_loss_ref
-from kernels.relative_loss import relative_loss_ref
+from sslpt.kernels import hard_patch_masking, random_masking
+from sslpt.kernels.patch_loss import patch_loss_ref
+from sslpt.kernels.relative_loss import relative_loss_ref
 
 
 def test_bench_loss_tiny(benchmark):

@@ -1,4 +1,4 @@
-// Python binding of the CUDA launchers (module kernels._C, or ssl_kernels_C when JIT-built by kernels/_cuda.py).
+// Python binding of the CUDA launchers (module sslpt.kernels._C, or ssl_kernels_C when JIT-built by kernels/_cuda.py).
 //
 // Includes only torch/extension.h and the plain-C launcher declarations: the CPU build of PyTorch lacks part
 // of its CUDA headers (c10/cuda/impl/cuda_cmake_macros.h, cusparse.h), so nothing here needs them. The CUDA
@@ -19,7 +19,7 @@ using torch::Tensor;
 
 void check_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " is missing");
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor: the CUDA extension kernels._C runs on the GPU only, got "
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor: the CUDA extension sslpt.kernels._C runs on the GPU only, got "
               "a tensor on ", t.device(), " (use backend='reference' or 'triton' for CPU tensors)");
 }
 
@@ -67,7 +67,7 @@ void* stream_ptr(int64_t stream) { return reinterpret_cast<void*>(static_cast<in
 int device_index(const Tensor& t) { return t.get_device(); }
 
 void check_status(int status, const char* op) {
-  TORCH_CHECK(status == 0, "kernels._C.", op, ": CUDA error: ", ssl_cuda_error_string(status));
+  TORCH_CHECK(status == 0, "sslpt.kernels._C.", op, ": CUDA error: ", ssl_cuda_error_string(status));
 }
 
 template <typename T = void>

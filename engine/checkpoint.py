@@ -113,7 +113,7 @@ def purge(run_dir: Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizers, trainer_state: dict, keep: int) -> Path:
     """Save on every rank (a collective under torchrun); rank 0 commits, renames and purges."""
     folder = checkpoint_dir(run_dir)
     final = folder / f"step_{step:08d}"
@@ -122,7 +122,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, train
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(partial, ignore_errors=True)   # left by a run that died while saving this step
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd, "trainer": json.dumps(trainer_state)}
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=partial, no_dist=not _distributed())
@@ -173,25 +173,26 @@ def check_compatible(path: Path, model_state: dict) -> None:
     if unexpected:
         details.append(f"{len(unexpected)} of its tensors are not in this model (e.g. {unexpected[0]})")
     raise CheckpointError(f"checkpoint {path} was written for another model: {'; '.join(details)}. Resume with the "
-                          f"config the run was started with (its config.toml, e.g. `python -m engine resume "
+                          f"config the run was started with (its config.toml, e.g. `python -m sslpt resume "
                           f"RUN_DIR`), or start a new run in another folder (--run-dir)")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer=None) -> dict:
-    """Load model (and optimizer) state in place, resharding as needed; returns the trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizers=None) -> dict:
+    """Load model (and optimizers') state in place, resharding as needed; returns the trainer state.
+    ``optimizers``: one optimizer or a list (their states are keyed by parameter name, so they can be)."""
     path = resolve_checkpoint(path)
-    if optimizer is None:
+    if optimizers is None:
         model_sd, optim_sd = get_model_state_dict(model), None
     else:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizers)
     check_compatible(path, model_sd)
     state = {"model": model_sd, "trainer": ""}
-    if optimizer is not None:
+    if optimizers is not None:
         state["optim"] = optim_sd
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
-    if optimizer is None:
+    if optimizers is None:
         set_model_state_dict(model, state["model"])
     else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads(state["trainer"])

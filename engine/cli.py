@@ -1,4 +1,4 @@
-"""Command line: ``python -m engine pretrain CONFIG``, ``resume RUN_DIR``, ``probe RUN_DIR``."""
+"""Command line: ``python -m sslpt pretrain CONFIG``, ``resume RUN_DIR``, ``probe RUN_DIR``."""
 from __future__ import annotations
 
 import argparse
@@ -7,24 +7,28 @@ import sys
 from pathlib import Path
 
 EPILOG = """examples:
-  python -m engine pretrain hpm_digits                       # the default demo (what `make pretrain` runs)
-  python -m engine pretrain configs/mae_digits.toml --set train.epochs=5 --set optim.blr=1e-3
-  python -m engine pretrain hpm_vit_base_800ep --set data.name=folder --set data.path=/data/imagenet
-  python -m engine resume runs/hpm-digits-20261123-101500    # continue from the newest complete checkpoint
-  torchrun --nproc-per-node 8 -m engine pretrain hpm_vit_base_800ep --set train.parallel=fsdp \
+  python -m sslpt pretrain hpm_digits                       # the default demo (what `make pretrain` runs)
+  python -m sslpt pretrain configs/mae_digits.toml --set train.epochs=5 --set optim.blr=1e-3
+  python -m sslpt pretrain hpm_vit_base_800ep --set data.name=folder --set data.path=/data/imagenet
+  python -m sslpt resume runs/hpm-digits-20261123-101500    # continue from the newest complete checkpoint
+  torchrun --nproc-per-node 8 -m sslpt pretrain hpm_vit_base_800ep --set train.parallel=fsdp \
       --run-dir runs/hpm-b --resume auto                     # 8 GPUs; a restarted job continues where it stopped
-  python -m engine probe runs/hpm-digits-20261123-101500     # linear probe + kNN vs a random encoder
+  python -m sslpt probe runs/hpm-digits-20261123-101500     # linear probe + kNN vs a random encoder
 
 CONFIG is a TOML file or the name of a preset in configs/. Every field can be overridden
-with --set section.key=value (sections: model, objective, data, optim, train); values are
-TOML literals: 1e-3, true, [0.5, 1.0], "text".
+with --set section.key=value (sections: model, objective.<name> e.g. objective.hpm.alpha_T,
+data, optim, train); values are TOML literals: 1e-3, true, [0.5, 1.0], "text".
+Objectives: see `python -m sslpt presets`; adding one: docs/adding_an_objective.md.
 """
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="Self-supervised visual pre-training "
-                                     "(HPM, MAE) on the CPU or GPUs.", epilog=EPILOG,
+    from sslpt import __version__
+
+    parser = argparse.ArgumentParser(prog="python -m sslpt", description="Self-supervised visual pre-training "
+                                     "(HPM, MAE, SimCLR, MoCo v3) on the CPU or GPUs.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sslpt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("pretrain", help="pre-train from a config", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("run_dir", type=Path)
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's saved config (e.g. train.probe_shots=10)")
-    sub.add_parser("presets", help="list the presets in configs/")
+    sub.add_parser("presets", help="list the presets in configs/ and the objective each trains")
     return parser
 
 
@@ -76,18 +80,18 @@ def _print_result(result) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from engine.checkpoint import CheckpointError
-    from engine.config import CONFIG_DIR, ConfigError, load_config
-    from engine.distributed import DistributedSetupError
+    from sslpt.engine.checkpoint import CheckpointError
+    from sslpt.engine.config import CONFIG_DIR, ConfigError, load_config
+    from sslpt.engine.distributed import DistributedSetupError
 
     try:
         if args.command == "presets":
             for path in sorted(CONFIG_DIR.glob("*.toml")):
-                print(path.stem)
+                print(f"{path.stem:<24}{load_config(path).objective.name}")
             return 0
         if args.command == "probe":
             return _probe(args.run_dir, args.overrides)
-        from engine.train import pretrain
+        from sslpt.engine.train import pretrain
 
         if args.command == "resume":
             config_file = args.run_dir / "config.toml"
@@ -111,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(run_dir: Path, overrides: list[str]) -> int:
     import torch
 
-    from engine.checkpoint import latest_checkpoint, load_checkpoint
-    from engine.config import ConfigError, load_config
-    from engine.distributed import resolve_device
-    from engine.objectives import build_objective
-    from engine.probe import run_probe
+    from sslpt.engine.checkpoint import latest_checkpoint, load_checkpoint
+    from sslpt.engine.config import ConfigError, load_config
+    from sslpt.engine.distributed import resolve_device
+    from sslpt.engine.objectives import build_objective
+    from sslpt.engine.probe import run_probe
 
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
@@ -127,7 +131,7 @@ def _probe(run_dir: Path, overrides: list[str]) -> int:
     objective = build_objective(cfg)
     load_checkpoint(path, objective)   # weights only; DCP gathers the shards of any world size
     with torch.no_grad():
-        result = run_probe(cfg, objective.to(device).encoder, device)
+        result = run_probe(cfg, objective.to(device), device)
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2))
     print(format_probe(result))
     return 0

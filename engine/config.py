@@ -1,7 +1,8 @@
 """Typed run configuration: dataclasses, TOML presets under configs/, ``--set`` overrides.
 
 Every check fails before training starts with a message naming the field, e.g.
-``objective.mask_ratio must be in [0, 1), got 1.2``.
+``objective.hpm.mask_ratio must be in [0, 1), got 1.2``. Each objective declares its own section
+(``[objective.hpm]``, ...) as a dataclass; this module knows none of their fields.
 """
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
+
+from sslpt.engine import registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,7 +52,7 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
-    attn_backend: str = "auto"      # attention: auto | ours | sdpa | flex | xformers | reference
+    attn_backend: str = "auto"      # attention backend of every encoder and decoder: kernels.ATTENTION_BACKENDS
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -65,43 +69,28 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class ObjectiveConfig:
-    name: str = "hpm"
-    mask_ratio: float = 0.75
-    norm_pix: bool = False          # HPM's released scripts reconstruct raw (standardised) pixels
-    # HPM (OBJECTIVES.md section 2)
-    alpha_T: float = 0.5            # final fraction of the masked set chosen as hard patches
-    rec_weight: float = 1.0
-    pred_weight: float = 1.0
-    relative: bool = True           # False: the paper's ablation, MSE to per-image standardised losses
-    stable_relative: bool = True    # False: the official log(sigmoid + 1e-6) form
-    ema_decay_start: float = 0.999
-    ema_decay_end: float = 0.9999
-    ema_ramp_epochs: int = 100      # shortened to the run's length for runs under 100 epochs
-    # contrastive: SimCLR and MoCo v3 (objectives/simclr.py, mocov3.py); defaults are MoCo v3's ViT recipe
-    temperature: float = 0.2
-    pooling: str = "cls"            # encoder feature fed to the heads: "cls" token or "mean" of patch tokens
-    proj_layers: int = 3            # projector: Linear-BN-ReLU x (layers - 1), Linear, BN without affine
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    pred_hidden: int = 4096         # MoCo v3's 2-layer predictor
-    momentum: float = 0.99          # MoCo v3's momentum encoder: cosine from this to 1 (momentum_cosine)
-    momentum_cosine: bool = True
-    stop_grad_patch_embed: bool = False  # MoCo v3's frozen random patch projection (stabilises ViT training)
-    # the two views (engine/data/views.py); the data pipeline's own crop should be off: data.crop_scale = [1, 1]
-    view_crop_scale: tuple[float, float] = (0.08, 1.0)
-    view_hflip: float = 0.5
-    jitter_prob: float = 0.8
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
-    grayscale_prob: float = 0.2     # 3-channel images only
-    blur_prob: tuple[float, float] = (1.0, 0.1)       # per view (BYOL / MoCo v3: asymmetric)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)      # pixels
-    solarize_prob: tuple[float, float] = (0.0, 0.2)   # per view
+class ObjectiveSettings:
+    """Base of every objective's config section, ``[objective.<name>]``; the objective declares the subclass.
+
+    Choice fields are ``Literal[...]`` (checked by the loader); ``check`` adds range and cross-section checks
+    and names fields with ``self.key(field)``, e.g. ``objective.hpm.alpha_T``.
+    """
+    objective: ClassVar[str] = ""   # set by engine.registry.register
+
+    @property
+    def name(self) -> str:
+        return self.objective
+
+    def key(self, field_name: str) -> str:
+        return f"objective.{self.objective}.{field_name}"
+
+    def check(self, cfg: "Config") -> None:
+        """Raise ConfigError (via ``require``) for a value the objective cannot train with."""
 
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: str = "digits"            # digits | folder | synthetic
+    name: Literal["digits", "folder", "synthetic"] = "digits"
     path: str = ""
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
@@ -126,11 +115,11 @@ class TrainConfig:
     epochs: int = 800
     batch_size: int = 64            # per device
     accum_steps: int = 1
-    precision: str = "bf16"         # bf16 | fp16 | fp32
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: str = "auto"            # auto | cpu | cuda | cuda:N
     seed: int = 0
     cpu_threads: int = 0            # intra-op threads when training on the CPU; 0 = PyTorch's default
-    backend: str = "auto"           # kernels backend: auto | reference | triton | cuda
+    backend: Literal["auto", "reference", "triton", "cuda"] = "auto"   # kernels backend (kernels.set_backend)
     out_dir: str = "runs"
     run_name: str = ""              # default: <objective>-<data>-<timestamp>
     log_every: int = 10             # steps between progress/metric lines
@@ -138,13 +127,13 @@ class TrainConfig:
     save_every: int = 1             # epochs between checkpoints
     save_every_steps: int = 0       # also checkpoint every N steps (mid-epoch, exact resume); 0 = epoch ends only
     keep_checkpoints: int = 2       # newest complete checkpoints kept; >= 2 (the newest may be mid-replacement)
-    # scale-out (issue 7): under torchrun, one process per device
-    parallel: str = "none"          # none | ddp | fsdp (FSDP2 fully_shard per transformer block, then the root)
+    # scale-out: under torchrun, one process per device
+    parallel: Literal["none", "ddp", "fsdp"] = "none"  # fsdp: FSDP2 fully_shard per transformer block, then the root
     reshard_after_forward: bool = True  # fsdp: free gathered block parameters after forward (re-gather in backward)
     activation_checkpointing: bool = False  # recompute each trainable block in backward instead of storing it
     compile: bool = False           # torch.compile each transformer block (fullgraph, static shapes)
     compile_backend: str = "inductor"
-    nonfinite: str = "skip"         # skip | fail: a step with non-finite gradients is never applied
+    nonfinite: Literal["skip", "fail"] = "skip"  # a step with non-finite gradients is never applied; fail: stop
     max_consecutive_skips: int = 25  # skip: stop after this many skipped steps in a row
     deterministic: bool = False     # deterministic algorithms (bit-exact resume on CPU; slower on GPU)
     dist_timeout_s: int = 600       # rendezvous and collective timeout
@@ -155,18 +144,28 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class Config:
+    """A run's configuration. ``objective`` is the selected objective's own settings dataclass (its class
+    comes from the registry); ``plugins`` are files or modules imported first, to register objectives that
+    live outside this package."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: ObjectiveSettings = field(default_factory=lambda: registry.get("hpm").Settings())
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plugins: tuple[str, ...] = ()
 
     def validate(self) -> "Config":
         validate(self)
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values, laid out as the TOML file is: ``objective = {"name": ..., <name>: {...}}``."""
+        out = dataclasses.asdict(self)
+        out["objective"] = {"name": self.objective.name, self.objective.name: dataclasses.asdict(self.objective)}
+        return out
+
+
+SECTIONS = ("model", "objective", "data", "optim", "train")
 
 
 # ---------------------------------------------------------------- loading and overrides
@@ -176,12 +175,20 @@ def _coerce(path: str, value, annotation):
     ann = annotation
     origin = typing.get_origin(ann)
     args = typing.get_args(ann)
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool) != isinstance(args[0], bool):
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner[0])
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{path} must be a list, got {value!r}")
+            return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path} must be a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
@@ -204,22 +211,64 @@ def _coerce(path: str, value, annotation):
     raise TypeError(f"unsupported annotation {ann} for {path}")
 
 
+def _unknown_key(path: str, key: str, names: list[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+    return ConfigError(f"unknown config key {path}{hint}")
+
+
 def _update(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown config key {path}{hint}")
+            raise _unknown_key(path, key, names, prefix)
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{path} is a section: give it as [{path}] or {path}.<key>=...")
             _update(current, value, f"{path}.")
         else:
+            if isinstance(value, dict):
+                raise ConfigError(f"{path} is a value, not a section")
             setattr(obj, key, _coerce(path, value, hints[key]))
+
+
+def _objective_settings(table: dict) -> ObjectiveSettings:
+    """``[objective]`` holds ``name`` and one section, ``[objective.<name>]``, for that objective only."""
+    table = dict(table)
+    name = _coerce("objective.name", table.pop("name", "hpm"), str)
+    try:
+        cls = registry.get(name)
+    except registry.UnknownObjective as err:
+        raise ConfigError(err.args[0]) from None
+    settings = cls.Settings()
+    own = [f.name for f in dataclasses.fields(settings)]
+    for key, value in table.items():
+        if key == name:
+            continue
+        if key in registry.names():
+            raise ConfigError(f"[objective.{key}] configures objective {key!r}, but objective.name = {name!r}: "
+                              f"remove that section or set objective.name = {key!r}")
+        if key in own:
+            raise ConfigError(f"unknown config key objective.{key}: objective settings live in their objective's "
+                              f"section, objective.{name}.{key} ([objective.{name}] in a file)")
+        raise _unknown_key(f"objective.{key}", key, ["name", *registry.names()], "objective.")
+    section = table.get(name, {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"objective.{name} is a section: give it as [objective.{name}] or "
+                          f"objective.{name}.<key>=...")
+    _update(settings, section, f"objective.{name}.")
+    return settings
+
+
+def _merge(into: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def _parse_value(text: str):
@@ -242,147 +291,152 @@ def resolve_config_path(name: str | Path) -> Path:
     raise ConfigError(f"config {str(name)!r} is neither a file nor a preset (presets: {presets})")
 
 
+def _override(item: str) -> dict:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = _parse_value(text.strip())
+    return nested
+
+
+def _load_plugins(specs, base_dir: Path | None) -> tuple[str, ...]:
+    """Import each plugin; file paths are stored absolute so a resumed run finds them from anywhere."""
+    specs = _coerce("plugins", specs, tuple[str, ...])
+    stored = []
+    for spec in specs:
+        try:
+            registry.load_plugin(spec, base_dir)
+        except (ImportError, FileNotFoundError) as err:
+            raise ConfigError(f"plugins: cannot import {spec!r}: {err}") from err
+        if spec.endswith(".py") and not Path(spec).is_absolute() and base_dir is not None:
+            spec = str((base_dir / spec).resolve())
+        stored.append(spec)
+    return tuple(stored)
+
+
 def load_config(name: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- preset/file <- ``section.key=value`` overrides, then validated."""
-    cfg = Config()
+    raw: dict = {}
+    base_dir = None
     if name is not None:
         path = resolve_config_path(name)
+        base_dir = path.resolve().parent
         try:
-            data = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from err
-        _update(cfg, data)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        nested: dict = {}
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = _parse_value(text.strip())
-        _update(cfg, nested)
+        _merge(raw, _override(item))
+    cfg = Config(plugins=_load_plugins(raw.pop("plugins", ()), base_dir))
+    cfg.objective = _objective_settings(raw.pop("objective", {}) or {})
+    for key in raw:
+        if key not in SECTIONS:
+            raise _unknown_key(key, key, [*SECTIONS, "plugins"], "")
+        if not isinstance(raw[key], dict):
+            raise ConfigError(f"{key} is a section: give it as [{key}] or {key}.<key>=...")
+    _update(cfg, raw)
     return cfg.validate()
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML (None values are omitted: they are the defaults)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, (list, tuple)):
-                text = "[" + ", ".join(json.dumps(v) for v in value) + "]"
-            else:
-                text = json.dumps(value)
-            lines.append(f"{key} = {text}")
+    data = cfg.to_dict()
+    lines = [f"plugins = {_toml_value(data.pop('plugins'))}", ""] if cfg.plugins else []
+    objective = data.pop("objective")
+    name = objective["name"]
+    tables = [(section, data[section]) for section in ("model",)]
+    tables += [("objective", {"name": name}), (f"objective.{name}", objective[name])]
+    tables += [(section, data[section]) for section in ("data", "optim", "train")]
+    for title, values in tables:
+        lines.append(f"[{title}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
         lines.append("")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- validation
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ``ok``: the one way checks report a bad value."""
     if not ok:
         raise ConfigError(message)
 
 
-def _validate_contrastive(o: ObjectiveConfig) -> None:
-    _require(o.temperature > 0, f"objective.temperature must be > 0, got {o.temperature}")
-    _require(o.pooling in ("cls", "mean"), f"objective.pooling must be 'cls' or 'mean', got {o.pooling!r}")
-    for name in ("proj_layers", "proj_hidden", "proj_dim", "pred_hidden"):
-        _require(getattr(o, name) >= 1, f"objective.{name} must be >= 1, got {getattr(o, name)}")
-    _require(0.0 <= o.momentum <= 1.0, f"objective.momentum must be in [0, 1], got {o.momentum}")
-    lo, hi = o.view_crop_scale
-    _require(0 < lo <= hi <= 1, f"objective.view_crop_scale must satisfy 0 < min <= max <= 1, got {[lo, hi]}")
-    for name in ("view_hflip", "jitter_prob", "grayscale_prob"):
-        value = getattr(o, name)
-        _require(0 <= value <= 1, f"objective.{name} must be a probability in [0, 1], got {value}")
-    for name in ("blur_prob", "solarize_prob"):
-        _require(all(0 <= p <= 1 for p in getattr(o, name)),
-                 f"objective.{name} must be two probabilities in [0, 1], got {list(getattr(o, name))}")
-    _require(all(v >= 0 for v in o.jitter[:3]) and 0 <= o.jitter[3] <= 0.5,
-             f"objective.jitter (brightness, contrast, saturation, hue) must be >= 0 with hue <= 0.5, "
-             f"got {list(o.jitter)}")
-    lo, hi = o.blur_sigma
-    _require(0 < lo <= hi, f"objective.blur_sigma must satisfy 0 < min <= max, got {[lo, hi]}")
+def require_probability(value: float, path: str) -> None:
+    require(0 <= value <= 1, f"{path} must be a probability in [0, 1], got {value}")
+
+
+def require_range(pair, path: str, upper: float | None = 1.0) -> None:
+    """A (min, max) pair with 0 < min <= max (<= upper)."""
+    lo, hi = pair
+    bound = "" if upper is None else f" <= {upper:g}"
+    require(0 < lo <= hi and (upper is None or hi <= upper),
+            f"{path} must satisfy 0 < min <= max{bound}, got {list(pair)}")
 
 
 def validate(cfg: Config) -> None:
-    from kernels import ATTENTION_BACKENDS, BACKENDS  # the engine depends on kernels, never the reverse
+    from sslpt.kernels import ATTENTION_BACKENDS   # the engine depends on kernels, never the reverse
 
-    m, o, d, opt, t = cfg.model, cfg.objective, cfg.data, cfg.optim, cfg.train
-    _require(m.arch in VIT_ARCHS, f"model.arch must be one of {sorted(VIT_ARCHS)}, got {m.arch!r}")
+    m, d, opt, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    require(m.arch in VIT_ARCHS, f"model.arch must be one of {sorted(VIT_ARCHS)}, got {m.arch!r}")
     for name in ("img_size", "patch_size", "in_chans", "decoder_dim", "decoder_depth", "decoder_heads"):
-        _require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+        require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
     for name in ("embed_dim", "depth", "num_heads"):
         value = getattr(m, name)
-        _require(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
-    _require(m.img_size % m.patch_size == 0,
-             f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
+        require(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
+    require(m.img_size % m.patch_size == 0,
+            f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
     width, _, heads = m.dims
-    _require(width % heads == 0, f"model.embed_dim={width} must be divisible by model.num_heads={heads}")
-    _require(m.decoder_dim % m.decoder_heads == 0,
-             f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}")
-    _require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
-    _require(m.attn_backend in ATTENTION_BACKENDS,
-             f"model.attn_backend must be one of {ATTENTION_BACKENDS}, got {m.attn_backend!r}")
+    require(width % heads == 0, f"model.embed_dim={width} must be divisible by model.num_heads={heads}")
+    require(m.decoder_dim % m.decoder_heads == 0,
+            f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}")
+    require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    require(m.attn_backend in ATTENTION_BACKENDS,
+            f"model.attn_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {m.attn_backend!r}")
 
-    from engine.objectives import OBJECTIVES
-    _require(o.name in OBJECTIVES, f"objective.name must be one of {sorted(OBJECTIVES)}, got {o.name!r}")
-    _require(0.0 <= o.mask_ratio < 1.0, f"objective.mask_ratio must be in [0, 1), got {o.mask_ratio}")
-    keep = int(m.num_patches * (1 - o.mask_ratio))
-    _require(keep >= 1, f"objective.mask_ratio={o.mask_ratio} leaves no visible patch of {m.num_patches}")
-    _require(not o.norm_pix or m.patch_dim >= 2,
-             "objective.norm_pix needs at least 2 values per patch (model.patch_size**2 * in_chans)")
-    _require(0.0 <= o.alpha_T <= 1.0, f"objective.alpha_T must be in [0, 1], got {o.alpha_T}")
-    _require(o.rec_weight >= 0 and o.pred_weight >= 0, "objective.rec_weight and pred_weight must be >= 0")
-    for name in ("ema_decay_start", "ema_decay_end"):
-        value = getattr(o, name)
-        _require(0.0 <= value < 1.0, f"objective.{name} must be in [0, 1), got {value}")
-    _require(o.ema_ramp_epochs >= 0, f"objective.ema_ramp_epochs must be >= 0, got {o.ema_ramp_epochs}")
-    _validate_contrastive(o)
+    require(d.name != "folder" or bool(d.path), "data.path must name an image folder when data.name = 'folder'")
+    require_range(d.crop_scale, "data.crop_scale")
+    require_probability(d.hflip, "data.hflip")
+    require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    require(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
 
-    _require(d.name in ("digits", "folder", "synthetic"),
-             f"data.name must be one of digits, folder, synthetic; got {d.name!r}")
-    _require(d.name != "folder" or bool(d.path), "data.path must name an image folder when data.name = 'folder'")
-    lo, hi = d.crop_scale
-    _require(0 < lo <= hi <= 1, f"data.crop_scale must satisfy 0 < min <= max <= 1, got {list(d.crop_scale)}")
-    _require(0 <= d.hflip <= 1, f"data.hflip must be a probability in [0, 1], got {d.hflip}")
-    _require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    _require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _require(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
+    require(opt.blr > 0, f"optim.blr must be > 0, got {opt.blr}")
+    require(opt.lr is None or opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
+    require(opt.min_lr >= 0, f"optim.min_lr must be >= 0, got {opt.min_lr}")
+    require(opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}")
+    require(all(0 <= b < 1 for b in opt.betas), f"optim.betas must be in [0, 1), got {list(opt.betas)}")
+    require(opt.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {opt.warmup_epochs}")
+    require(opt.clip_grad is None or opt.clip_grad > 0, f"optim.clip_grad must be > 0, got {opt.clip_grad}")
 
-    _require(opt.blr > 0, f"optim.blr must be > 0, got {opt.blr}")
-    _require(opt.lr is None or opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
-    _require(opt.min_lr >= 0, f"optim.min_lr must be >= 0, got {opt.min_lr}")
-    _require(opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}")
-    _require(all(0 <= b < 1 for b in opt.betas), f"optim.betas must be in [0, 1), got {list(opt.betas)}")
-    _require(opt.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {opt.warmup_epochs}")
-    _require(opt.clip_grad is None or opt.clip_grad > 0, f"optim.clip_grad must be > 0, got {opt.clip_grad}")
+    require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
+    require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
+    require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+            f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    require(t.cpu_threads >= 0, f"train.cpu_threads must be >= 0, got {t.cpu_threads}")
+    require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
+    require(t.probe_shots >= 0, f"train.probe_shots must be >= 0 (0 = no few-label probe), got {t.probe_shots}")
+    require(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")
+    require(t.keep_checkpoints >= 2, f"train.keep_checkpoints must be >= 2 (the newest checkpoint may be the one "
+            f"being replaced when a run dies), got {t.keep_checkpoints}")
+    require(t.save_every_steps >= 0, f"train.save_every_steps must be >= 0, got {t.save_every_steps}")
+    require(bool(t.compile_backend), "train.compile_backend must name a torch.compile backend, e.g. 'inductor'")
+    require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+    require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {t.dist_timeout_s}")
 
-    _require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
-    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _require(t.accum_steps >= 1, f"train.accum_steps must be >= 1, got {t.accum_steps}")
-    _require(t.precision in ("bf16", "fp16", "fp32"), f"train.precision must be bf16, fp16 or fp32, got {t.precision!r}")
-    _require(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
-             f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-    _require(t.backend in BACKENDS, f"train.backend must be one of {BACKENDS}, got {t.backend!r}")
-    _require(t.cpu_threads >= 0, f"train.cpu_threads must be >= 0, got {t.cpu_threads}")
-    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
-    _require(t.eval_every >= 0, f"train.eval_every must be >= 0, got {t.eval_every}")
-    _require(t.probe_shots >= 0, f"train.probe_shots must be >= 0 (0 = no few-label probe), got {t.probe_shots}")
-    _require(t.save_every >= 1, f"train.save_every must be >= 1, got {t.save_every}")
-    _require(t.keep_checkpoints >= 2, f"train.keep_checkpoints must be >= 2 (the newest checkpoint may be the one "
-             f"being replaced when a run dies), got {t.keep_checkpoints}")
-    _require(t.save_every_steps >= 0, f"train.save_every_steps must be >= 0, got {t.save_every_steps}")
-    _require(t.parallel in ("none", "ddp", "fsdp"), f"train.parallel must be none, ddp or fsdp, got {t.parallel!r}")
-    _require(bool(t.compile_backend), "train.compile_backend must name a torch.compile backend, e.g. 'inductor'")
-    _require(t.nonfinite in ("skip", "fail"), f"train.nonfinite must be skip or fail, got {t.nonfinite!r}")
-    _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
-    _require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {t.dist_timeout_s}")
+    cfg.objective.check(cfg)

@@ -2,7 +2,7 @@
 (``fully_shard`` per transformer block, then the root), activation checkpointing and per-block compile.
 
 Launch (one process per device; the same command on every node):
-    torchrun --nproc-per-node 8 -m engine pretrain CONFIG --set train.parallel=fsdp --run-dir runs/x --resume auto
+    torchrun --nproc-per-node 8 -m sslpt pretrain CONFIG --set train.parallel=fsdp --run-dir runs/x --resume auto
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB ...
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.utils.checkpoint
+
+from sslpt.engine.models.vit import Block
 
 try:
     from torch.distributed.tensor import DTensor
@@ -141,8 +143,6 @@ def barrier(info: DistInfo) -> None:
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
     """Every transformer block (``engine.models.vit.Block``) inside ``module``, students and teachers alike."""
-    from engine.models.vit import Block
-
     return [m for m in module.modules() if isinstance(m, Block)]
 
 
@@ -208,9 +208,8 @@ def apply_ddp(objective: nn.Module, info: DistInfo) -> nn.Module:
 
 def parallelize(objective: nn.Module, train_cfg, info: DistInfo) -> nn.Module:
     """Wrap ``objective`` for ``train.parallel``; returns the module whose call runs a training forward
-    (the DDP wrapper, or the objective itself, sharded in place under FSDP)."""
-    from engine.ema import EMATeacher
-
+    (the DDP wrapper, or the objective itself, sharded in place under FSDP). EMA teachers must be re-paired
+    with their students afterwards (``engine.ema.rebind_teachers``)."""
     t = train_cfg
     if t.parallel != "fsdp" and not t.reshard_after_forward:
         warnings.warn("train.reshard_after_forward has no effect unless train.parallel=fsdp", stacklevel=2)
@@ -221,9 +220,6 @@ def parallelize(objective: nn.Module, train_cfg, info: DistInfo) -> nn.Module:
         apply_fsdp(objective, info, t.precision, t.reshard_after_forward)
     elif t.parallel == "ddp":
         model = apply_ddp(objective, info)
-    for module in objective.modules():
-        if isinstance(module, EMATeacher):
-            module.rebind()   # the student's parameters may have been replaced by sharded ones
     return model
 
 
@@ -263,3 +259,11 @@ class ShardAwareGradScaler(torch.amp.GradScaler):
         for flag in per_device.values():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return per_device
+
+
+def negatives_group():
+    """The default process group when several ranks train together (contrastive negatives from every rank),
+    else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None

@@ -14,7 +14,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from engine.distributed import local_tensor as _local
+from sslpt.engine.distributed import local_tensor as _local
 
 # name parts added by wrappers (torch.compile, activation checkpointing) that are not part of a parameter's identity
 _WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
@@ -65,6 +65,14 @@ class EMATeacher(nn.Module):
         torch._foreach_lerp_(teacher, student, 1.0 - decay)
         for t, s in self._buffer_pairs:
             t.copy_(s)
+
+
+def rebind_teachers(module: nn.Module) -> None:
+    """Re-pair every EMA teacher inside ``module`` with its student's tensors: after FSDP sharding, DDP or
+    SyncBatchNorm conversion replaced them, and after a checkpoint was loaded."""
+    for child in module.modules():
+        if isinstance(child, EMATeacher):
+            child.rebind()
 
 
 def ema_decay(epoch: int, total_epochs: int, start: float, end: float, ramp_epochs: int) -> float:

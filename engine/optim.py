@@ -40,5 +40,7 @@ def lr_at(epoch_float: float, lr: float, min_lr: float, warmup_epochs: float, to
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The scheduled ``lr`` times each group's ``lr_scale`` (default 1: objectives set it to give a model or
+    a layer its own rate)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

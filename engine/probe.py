@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.config import Config
-from engine.data import build_eval_data
-from engine.eval import extract_features, few_shot_linear_probe, knn_accuracy, linear_probe
-from engine.models.mae import MaskedAutoencoder
+from sslpt.engine.config import Config
+from sslpt.engine.data import build_eval_data
+from sslpt.engine.eval import extract_features, few_shot_linear_probe, knn_accuracy, linear_probe
+from sslpt.engine.objectives import Objective
 
 
 def probe_encoder(encoder, data, device, shots: int = 0) -> dict:
@@ -26,18 +26,19 @@ def probe_encoder(encoder, data, device, shots: int = 0) -> dict:
     return result
 
 
-def run_probe(cfg: Config, encoder, device) -> dict:
-    """Accuracies of ``encoder`` and of a random encoder (seeded by train.seed) on the held-out split."""
+def run_probe(cfg: Config, objective: Objective, device) -> dict:
+    """Accuracies of the objective's encoder and of a random one of the same shape, built as the objective
+    builds its own (``Objective.random_encoder``, seeded by train.seed + 1), on the held-out split."""
     m, d = cfg.model, cfg.data
     data = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                            val_fraction=d.val_fraction, seed=0, synthetic_size=d.synthetic_size,
                            max_images=cfg.train.probe_max_images)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
-        random_encoder = MaskedAutoencoder(cfg.model).encoder.to(device)
+        random_encoder = type(objective).random_encoder(cfg.objective, cfg.model).to(device)
     # a small labelled folder may lack `shots` train images of some class: that probe is then left out
     shots = cfg.train.probe_shots if int(data[1].bincount().min()) >= cfg.train.probe_shots else 0
-    pretrained = probe_encoder(encoder, data, device, shots)
+    pretrained = probe_encoder(objective.encoder, data, device, shots)
     random = probe_encoder(random_encoder, data, device, shots)
     out = {f"{k}_{who}": v for who, res in (("pretrained", pretrained), ("random", random)) for k, v in res.items()}
     return {**out, "train_images": len(data[0]), "val_images": len(data[2]), "shots": shots}

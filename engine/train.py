@@ -13,21 +13,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
-from engine import viz
-from engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_commit,
+from sslpt import kernels
+from sslpt.engine import viz
+from sslpt.engine.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_commit,
                                resolve_checkpoint, save_checkpoint)
-from engine.config import Config, to_toml
-from engine.data import build_eval_data, build_train_data
-from engine.data.loader import derive_seed
-from engine.distributed import (DTensor, ShardAwareGradScaler, barrier, broadcast_object, gradient_sync,
+from sslpt.engine.config import Config, to_toml
+from sslpt.engine.data import build_eval_data, build_train_data
+from sslpt.engine.data.loader import derive_seed
+from sslpt.engine.distributed import (DTensor, ShardAwareGradScaler, barrier, broadcast_object, gradient_sync,
                                 init_distributed, local_tensor, parallelize, resolve_device, set_determinism,
                                 shutdown)
-from engine.ema import EMATeacher
-from engine.objectives import StepContext, build_objective
-from engine.optim import base_lr, build_optimizer, lr_at, set_lr
-from engine.probe import run_probe
-from engine.progress import PEAK_TFLOPS, MetricWindow, Progress, format_duration, peak_tflops, progress_fields
+from sslpt.engine.ema import rebind_teachers
+from sslpt.engine.models.heads import sync_batchnorm_if_distributed
+from sslpt.engine.objectives import EvalOutput, StepContext, build_objective
+from sslpt.engine.optim import base_lr, lr_at, set_lr
+from sslpt.engine.probe import run_probe
+from sslpt.engine.progress import PEAK_TFLOPS, MetricWindow, Progress, format_duration, peak_tflops, progress_fields
 
 __all__ = ["Trainer", "RunResult", "pretrain", "train_step_optimizer", "autocast", "step_generator",
            "resolve_device", "peak_tflops", "PEAK_TFLOPS"]
@@ -76,32 +77,39 @@ def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return found
 
 
-def train_step_optimizer(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                         clip_grad: float | None) -> torch.Tensor:
-    """Clip and apply the update unless a gradient is non-finite; returns the 0-dim "skipped" flag.
+def train_step_optimizer(optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
+                         scaler: torch.amp.GradScaler, clip_grad: float | None) -> torch.Tensor:
+    """Clip and apply the updates unless a gradient is non-finite; returns the 0-dim "skipped" flag.
 
-    The decision stays on the device, as GradScaler's does for fp16 overflows: the fused AdamW reads
-    ``found_inf`` and leaves parameters and optimizer state (step count included) untouched when it is set.
+    All optimizers skip together: one non-finite gradient anywhere skips every update of the step. The
+    decision stays on the device, as GradScaler's does for fp16 overflows: the fused AdamW reads ``found_inf``
+    and leaves parameters and optimizer state (step count included) untouched when it is set. Clipping is per
+    optimizer (each one's parameters are a model of its own).
     """
+    optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
     if scaler.is_enabled():
-        scaler.unscale_(optimizer)
-        found = sum(scaler._found_inf_per_device(optimizer).values())
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
+        found = sum(sum(scaler._found_inf_per_device(o).values()) for o in optimizers).clamp(max=1)
     else:
-        found = nonfinite_gradients(optimizer)
+        found = torch.stack([nonfinite_gradients(o) for o in optimizers]).amax()
     if clip_grad is not None:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    if scaler.is_enabled():
-        scaler.step(optimizer)
-        scaler.update()
-    elif getattr(optimizer, "_step_supports_amp_scaling", False):
-        optimizer.found_inf, optimizer.grad_scale = found, None
-        try:
+        for optimizer in optimizers:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    for optimizer in optimizers:
+        if scaler.is_enabled():
+            scaler.step(optimizer)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf, optimizer.grad_scale = found, None
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale
+        elif not bool(found):   # an optimizer without on-device skipping (not fused): one host sync
             optimizer.step()
-        finally:
-            del optimizer.found_inf, optimizer.grad_scale
-    elif not bool(found):   # an optimizer without on-device skipping (not fused): one host sync
-        optimizer.step()
+    if scaler.is_enabled():
+        scaler.update()
     return found
 
 
@@ -149,12 +157,16 @@ class Trainer:
                                      batch_size=t.batch_size, seed=t.seed, device=self.device, rank=self.dist.rank,
                                      world_size=world, num_workers=d.num_workers, synthetic_size=d.synthetic_size)
         torch.manual_seed(t.seed)   # identical initial weights on every rank
-        self.objective = build_objective(cfg).to(self.device)
-        if hasattr(self.objective, "steps_per_epoch"):   # per-iteration schedules (MoCo v3's momentum)
-            self.objective.steps_per_epoch = self.data.steps_per_epoch
+        # SyncBatchNorm where ranks train on GPUs together (it has no CPU kernel: on CPU each rank normalises
+        # its own batch); students and teachers alike, as the official contrastive codes convert whole models
+        objective = build_objective(cfg)
+        self.objective = sync_batchnorm_if_distributed(objective, self.device.type == "cuda").to(self.device)
         self.model = parallelize(self.objective, t, self.dist)
+        rebind_teachers(self.objective)   # the students' tensors may have been replaced (sharded, converted)
         self.lr = base_lr(cfg.optim, t.batch_size * t.accum_steps * world)
-        self.optimizer = build_optimizer(self.objective.trainable, cfg.optim, self.lr)
+        self.optimizers = self.objective.optimizers(cfg.optim, self.lr)
+        if not self.optimizers:
+            raise ValueError(f"objective {cfg.objective.name!r} returned no optimizer from optimizers()")
         scaler_cls = ShardAwareGradScaler if t.parallel == "fsdp" else torch.amp.GradScaler
         self.scaler = scaler_cls(self.device.type, enabled=t.precision == "fp16")
         self.next_step = 0        # global index of the next micro-step (epoch * steps_per_epoch + step in epoch)
@@ -182,13 +194,13 @@ class Trainer:
             if newest is not None:
                 raise CheckpointError(
                     f"run folder {self.run_dir} already holds checkpoints (newest: {newest.name}); nothing was "
-                    f"overwritten. Continue it with --resume auto (or `python -m engine resume {self.run_dir}`), "
+                    f"overwritten. Continue it with --resume auto (or `python -m sslpt resume {self.run_dir}`), "
                     f"or start a new run in another folder (--run-dir)")
             return None
         if resume is True:
             if newest is None:
                 raise CheckpointError(f"no complete checkpoint to resume from in {folder}; start the run with "
-                                      f"`python -m engine pretrain CONFIG --run-dir {self.run_dir}`, or use "
+                                      f"`python -m sslpt pretrain CONFIG --run-dir {self.run_dir}`, or use "
                                       f"--resume auto to start fresh when there is none")
             return newest
         if resume == "auto":
@@ -214,10 +226,8 @@ class Trainer:
                 f"train.accum_steps={there[2]}; this run has {here[0]} x {here[1]} x {here[2]}. The data order, "
                 f"the mid-epoch position and the lr scaling depend on them: resume with the same number of "
                 f"processes (torchrun --nnodes/--nproc-per-node) and the same batch settings")
-        state = load_checkpoint(path, self.objective, self.optimizer)
-        for module in self.objective.modules():
-            if isinstance(module, EMATeacher):
-                module.rebind()
+        state = load_checkpoint(path, self.objective, self.optimizers)
+        rebind_teachers(self.objective)
         if state["scaler"] and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.next_step = self.last_save_step = state["next_step"]
@@ -230,7 +240,7 @@ class Trainer:
         t = self.cfg.train
         if t.nonfinite == "fail":
             self._check_pending_nonfinite()
-        path = save_checkpoint(self.run_dir, self.next_step, self.objective, self.optimizer, self.trainer_state(),
+        path = save_checkpoint(self.run_dir, self.next_step, self.objective, self.optimizers, self.trainer_state(),
                                keep=t.keep_checkpoints)
         self.last_save_step = self.next_step
         return path
@@ -252,9 +262,10 @@ class Trainer:
             self.scaler.scale(loss / t.accum_steps).backward()
         self.step_skipped = None
         if update:
-            self.step_skipped = train_step_optimizer(self.optimizer, self.scaler, self.cfg.optim.clip_grad)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.objective.after_optimizer_step(ctx.epoch)
+            self.step_skipped = train_step_optimizer(self.optimizers, self.scaler, self.cfg.optim.clip_grad)
+            for optimizer in self.optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            self.objective.after_optimizer_step(ctx)
         return loss.detach(), metrics
 
     def train(self) -> RunResult:
@@ -266,12 +277,13 @@ class Trainer:
         for epoch in range(start_epoch, t.epochs):
             first = start_in_epoch if epoch == start_epoch else 0
             self.objective.train()
-            self.objective.on_epoch_start(epoch)
+            self.objective.on_epoch_start(self.context(epoch, epoch * spe + first))
             for i, (imgs, _) in enumerate(self.data.batches(epoch, first), start=first):
                 step = epoch * spe + i
-                set_lr(self.optimizer, lr_at(epoch + i / spe, self.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs,
-                                             t.epochs))
-                ctx = StepContext(epoch, step, step_generator(t.seed, epoch, step, self.dist.rank, self.device))
+                lr = lr_at(epoch + i / spe, self.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, t.epochs)
+                for optimizer in self.optimizers:
+                    set_lr(optimizer, lr)
+                ctx = self.context(epoch, step)
                 update = (i + 1) % t.accum_steps == 0 or i + 1 == spe
                 loss, metrics = self.train_step(imgs, ctx, update)
                 self._account(loss, metrics, imgs.shape[0])
@@ -291,6 +303,11 @@ class Trainer:
         if self.metrics_file is not None:
             self.metrics_file.close()
         return RunResult(self.run_dir, self.last_loss, probe, self.dist.is_main)
+
+    def context(self, epoch: int, step: int) -> StepContext:
+        t = self.cfg.train
+        return StepContext(epoch=epoch, step=step, steps_per_epoch=self.data.steps_per_epoch, epochs=t.epochs,
+                           generator=step_generator(t.seed, epoch, step, self.dist.rank, self.device))
 
     def _step_save_due(self) -> bool:
         every = self.cfg.train.save_every_steps
@@ -329,7 +346,7 @@ class Trainer:
                 f"step {self.next_step}; the last complete checkpoint is kept in {self.run_dir / 'checkpoints'}. "
                 f"Resume from it with a lower lr, precision=bf16 or fp32, or optim.clip_grad")
         record = {"type": "train", "epoch": epoch, "step": self.next_step,
-                  "lr": self.optimizer.param_groups[0]["lr"], **record}
+                  "lr": self.optimizers[0].param_groups[0]["lr"], **record}
         self.log(record)
         self.progress.update(self.next_step, epoch, t.epochs, progress_fields(record))
         self.last_loss = record["loss"]
@@ -357,24 +374,30 @@ class Trainer:
         self.objective.eval()
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 12345)
         with self._eager(), autocast(self.device, self.cfg.train.precision):
-            out = self.objective.evaluate(self.eval_batch(), generator)
-        if not out or not self.dist.is_main:
+            out: EvalOutput = self.objective.evaluate(self.eval_batch(), generator)
+        if not self.dist.is_main:
             return {}
-        m = self.cfg.model
-        pictures = self.run_dir / "pictures"
-        if "pred" in out:
-            recon = viz_reconstruction(out["imgs"], out["pred"], m.patch_size, self.cfg.objective.norm_pix)
-            viz.save_reconstructions(pictures / f"recon_epoch{epoch + 1:04d}.png", out["imgs"].float().cpu(),
-                                     out["mask"].cpu(), recon.cpu(), m.patch_size, mean=self.data.mean,
-                                     std=self.data.std)
-            if "pred_score" in out:
-                viz.save_hpm_panel(pictures / f"hpm_epoch{epoch + 1:04d}.png", out["imgs"].float().cpu(),
-                                   out["mask"].cpu(), out["pred_score"].float().cpu(), out["true_loss"].float().cpu(),
-                                   recon.cpu(), m.patch_size, mean=self.data.mean, std=self.data.std)
-        metrics = out["metrics"]
+        self.save_pictures(out, epoch)
+        metrics = out.metrics
+        if not metrics:
+            return {}
         self.log({"type": "eval", "epoch": epoch, **metrics})
         self.progress.message(f"eval after epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return metrics
+
+    def save_pictures(self, out: EvalOutput, epoch: int) -> None:
+        """Reconstructions where the objective predicts patches; HPM-style panels where it also scores them."""
+        if out.prediction is None:
+            return
+        m, pictures = self.cfg.model, self.run_dir / "pictures"
+        imgs, mask = out.images.float().cpu(), out.mask.cpu()
+        recon = viz_reconstruction(out.images, out.prediction, m.patch_size, out.prediction_normalized).cpu()
+        viz.save_reconstructions(pictures / f"recon_epoch{epoch + 1:04d}.png", imgs, mask, recon, m.patch_size,
+                                 mean=self.data.mean, std=self.data.std)
+        if out.patch_scores is not None:
+            viz.save_hpm_panel(pictures / f"hpm_epoch{epoch + 1:04d}.png", imgs, mask, out.patch_scores.float().cpu(),
+                               out.patch_losses.float().cpu(), recon, m.patch_size, mean=self.data.mean,
+                               std=self.data.std)
 
     def plain_objective(self):
         """The objective as one unsharded, uncompiled module on rank 0 (None elsewhere): for the probe."""
@@ -397,7 +420,7 @@ class Trainer:
             return None
         self.progress.message("linear probe: pre-trained vs randomly initialised encoder ...")
         with self._eager():
-            probe = run_probe(self.cfg, objective.encoder, self.device)
+            probe = run_probe(self.cfg, objective, self.device)
         (self.run_dir / "probe.json").write_text(json.dumps(probe, indent=2))
         self.log({"type": "probe", **probe})
         return probe

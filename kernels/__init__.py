@@ -4,9 +4,10 @@ Every op has a pure-PyTorch reference (the truth and the CPU path) and faster
 backends chosen by ``backend="auto"`` (see ``kernels._backend``). Nothing here touches
 CUDA at import time.
 """
-from ._backend import BACKENDS, get_backend, set_backend, use_backend
+from ._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 from ._validate import set_index_checks
-from .attention import ATTENTION_BACKENDS, BackendUnavailable, attention, check_attention_backend
+from . import reference  # the *_ref functions: sslpt.kernels.reference
+from .attention import ATTENTION_BACKENDS, attention, check_attention_backend
 from .embed_visible_patches import embed_visible_patches
 from .gather_tokens import gather_tokens
 from .hard_patch_masking import hard_patch_masking
@@ -25,4 +26,5 @@ __all__ = [
     "gather_tokens", "scatter_tokens", "patchify", "unpatchify", "embed_visible_patches",
     "patch_loss", "relative_loss", "info_nce", "nt_xent", "sparse_attention",
     "attention", "ATTENTION_BACKENDS", "BackendUnavailable", "check_attention_backend",
+    "reference",
 ]

@@ -1,4 +1,4 @@
-"""The CUDA extension: find it (``kernels._C``, built by setup.py) or build it on first use (JIT).
+"""The CUDA extension: find it (``sslpt.kernels._C``, built by setup.py) or build it on first use (JIT).
 
 Build recipe (the one that works with the CPU build of PyTorch as well as a CUDA build): ``nvcc`` compiles
 each ``csrc/*.cu`` (plain CUDA C++, no torch header) to an object file; the binding ``csrc/bindings.cpp``
@@ -12,7 +12,7 @@ Environment:
     SSL_CUDA_BUILD_DIR=...    where the JIT build goes (default: ssl_kernels_C-<python>-<torch> under torch's
                               extension root, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)
     SSL_FORCE_CUDA_BUILD=1    let ``extension(build=True)`` build without a visible GPU (CI, tests)
-    SSL_SKIP_CUDA_BUILD=1     never build (an installed kernels._C is still used)
+    SSL_SKIP_CUDA_BUILD=1     never build (an installed sslpt.kernels._C is still used)
     CUDA_HOME / CUDA_PATH     the toolkit (else ``nvcc`` on PATH, else /usr/local/cuda)
 
 Nothing here touches CUDA at import time.
@@ -42,7 +42,7 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--expt-relaxed-conste
 _lock = threading.Lock()
 _module: Optional[ModuleType] = None
 _failure: Optional[str] = None
-_installed_missing = False  # kernels._C was looked for and is not there: do not search again
+_installed_missing = False  # sslpt.kernels._C was looked for and is not there: do not search again
 
 
 def _flag(name: str) -> bool:
@@ -185,7 +185,7 @@ def _import_installed() -> Optional[ModuleType]:
     if _installed_missing:
         return None
     try:
-        return importlib.import_module("kernels._C")
+        return importlib.import_module("sslpt.kernels._C")
     except ImportError:
         _installed_missing = True
         return None
@@ -230,7 +230,7 @@ def unavailable_reason() -> str:
     """Why ``extension()`` is None (empty when it is available)."""
     if _module is not None:
         return ""
-    return _failure or "kernels._C is not installed and no JIT build was attempted"
+    return _failure or "sslpt.kernels._C is not installed and no JIT build was attempted"
 
 
 def load() -> ModuleType:

@@ -1,11 +1,11 @@
 """One attention entry point for the encoder, over several backends.
 
-``attention(q, k, v, backend=...)`` has the semantics of ``sparse_attention`` (DESIGN.md): dense
+``attention(q, k, v, backend=...)`` has the semantics of ``sparse_attention`` (docs/ops.md): dense
 ``[B, H, N, Dh]``, packed ``[T, H, Dh]`` with ``cu_seqlens`` (no token sees another sample), or a per-sample
 ``order[B, N]`` (query i sees key j iff order[j] <= order[i], ``<`` with ``strict``; a query that sees no key
 gets 0 and passes no gradient). Backends:
 
-    ours       kernels.sparse_attention's Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1)
+    triton     kernels.sparse_attention's Triton kernels (CUDA; CPU only under TRITON_INTERPRET=1; head dim <= 128)
     sdpa       F.scaled_dot_product_attention: an order mask becomes a dense boolean [B, 1, N, N] mask; packed
                samples are padded to [B, H, max_seqlen, Dh] with a key-padding mask (no host sync), and the
                output is gathered back (the padded query rows are computed and thrown away)
@@ -15,14 +15,17 @@ gets 0 and passes no gradient). Backends:
     xformers   xformers.ops.memory_efficient_attention (CUDA only; imported on first use): BlockDiagonalMask
                for packed samples (a host sync for the lengths), an additive -inf bias for an order mask
     reference  the fp32 explicit-softmax sparse_attention_ref (tests, debugging)
-    auto       CPU: sdpa (what the ViT always ran there). CUDA: the fastest of ours / sdpa / xformers measured
-               once per (mode, strict, dtype, heads, head dim, length bucket, token bucket, grad) on random
-               inputs of the first call's shape, then cached; while torch.compile traces or a CUDA graph
-               captures, an unmeasured case takes the table choice (ours where it applies, else sdpa).
-               flex is not a candidate: it compiles per shape and rebuilds its block mask every step.
+    auto       CPU: sdpa (what the ViT always ran there). CUDA: the fastest of triton / sdpa / xformers (those
+               that can serve the call) measured once per (mode, strict, dtype, heads, head dim, length bucket,
+               token bucket, grad) on random inputs of the first call's shape, then cached; while torch.compile
+               traces or a CUDA graph captures, an unmeasured case takes the table choice (triton where it can
+               serve the call, else sdpa). flex is not a candidate: it compiles per shape and rebuilds its block
+               mask every step.
 
-A backend the caller names is never replaced by another: where it cannot serve the call it raises
-``BackendUnavailable`` saying why. ``kernels.set_backend`` does not affect this choice.
+The dispatch rule is every op's (kernels/_backend.py): each backend states what it supports; a backend the caller
+names is never replaced by another: where it cannot serve the call it raises ``BackendUnavailable`` with the
+reason. ``backend=None`` takes the process-wide default (``kernels.set_backend``) where it is an attention
+backend, else auto.
 """
 from __future__ import annotations
 
@@ -35,16 +38,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import triton_usable
-from .sparse_attention import (MAX_TRITON_HEAD_DIM, _order_visibility, check_attention_inputs,
-                               sparse_attention_ref, sparse_attention_triton)
+from ._backend import BACKENDS, BackendUnavailable, Impl, define_op
+from .sparse_attention import (_order_visibility, check_attention_inputs, sparse_attention_ref,
+                               sparse_attention_triton, triton_supports)
 
-ATTENTION_BACKENDS = ("auto", "ours", "sdpa", "flex", "xformers", "reference")
-AUTO_CANDIDATES = ("ours", "sdpa", "xformers")  # in order of preference on equal times
-
-
-class BackendUnavailable(RuntimeError):
-    """The named attention backend cannot serve this call here (missing package, device, mode)."""
+ATTENTION_BACKENDS = ("auto", "triton", "sdpa", "flex", "xformers", "reference")
+AUTO_CANDIDATES = ("triton", "sdpa", "xformers")  # in order of preference on equal times
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,13 +95,7 @@ def _xformers_order_bias(order: torch.Tensor, strict: bool, heads: int, dtype: t
 # Backends: each takes validated inputs (max_seqlen resolved for packed ones)
 # ----------------------------------------------------------------------------------------------------------
 
-def _ours(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
-    ok, why = triton_usable(q.device)
-    if not ok:
-        raise BackendUnavailable(f"attention(backend='ours') cannot run here: {why}")
-    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        raise BackendUnavailable(f"attention(backend='ours'): q has head dim {q.shape[-1]}; the Triton kernels "
-                                 f"support up to {MAX_TRITON_HEAD_DIM} (use backend='sdpa')")
+def _triton(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
     return sparse_attention_triton(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, order=order,
                                    strict=strict, scale=scale)
 
@@ -131,17 +124,15 @@ def _compiled_flex() -> Callable:
     return torch.compile(flex_attention)
 
 
-def _flex_module():
-    try:
-        from torch.nn.attention import flex_attention as module
-    except ImportError as exc:
-        raise BackendUnavailable(f"attention(backend='flex') needs torch.nn.attention.flex_attention, missing "
-                                 f"in torch {torch.__version__}: {exc}") from exc
-    return module
+def _flex_supports(device, *args, **kwargs) -> Optional[str]:
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"needs torch.nn.attention.flex_attention, missing in torch {torch.__version__}"
+    return None
 
 
 def _flex(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
-    flex = _flex_module()
+    from torch.nn.attention import flex_attention as flex
+
     device = q.device
     if cu_seqlens is not None:  # one long sequence, a token sees the tokens of its own sample
         total = q.shape[0]
@@ -162,27 +153,27 @@ def _flex(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 out = flex.flex_attention(q, k, v, block_mask=block_mask, scale=scale)
-    except NotImplementedError as exc:  # e.g. no backward on CPU
-        raise BackendUnavailable(f"attention(backend='flex') on {device.type}: {exc}") from exc
+    except NotImplementedError as exc:  # e.g. no backward on CPU: known only once it runs
+        raise BackendUnavailable(f"attention: backend='flex' cannot serve this call on {device.type}: {exc}; "
+                                 f"use backend='sdpa' or 'auto'") from exc
     return out[0].transpose(0, 1) if cu_seqlens is not None else out
 
 
-def _xformers_ops():
+def _xformers_supports(device, *args, **kwargs) -> Optional[str]:
     if importlib.util.find_spec("xformers") is None:
-        raise BackendUnavailable("attention(backend='xformers') needs the xformers package, which is not "
-                                 "installed (pip install xformers; or use backend='ours' or 'sdpa')")
+        return "needs the xformers package, which is not installed (pip install xformers)"
     try:
-        import xformers.ops as xops
+        import xformers.ops  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken install (ABI, CUDA runtime) is "unavailable" too
-        raise BackendUnavailable(f"attention(backend='xformers'): xformers is installed but does not import: "
-                                 f"{type(exc).__name__}: {exc}") from exc
-    return xops
+        return f"xformers is installed but does not import: {type(exc).__name__}: {exc}"
+    if device.type != "cuda":
+        return f"xformers needs CUDA tensors, got {device.type!r}"
+    return None
 
 
 def _xformers(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
-    xops = _xformers_ops()
-    if q.device.type != "cuda":
-        raise BackendUnavailable(f"attention(backend='xformers') needs CUDA tensors, got {q.device.type!r}")
+    import xformers.ops as xops
+
     if cu_seqlens is not None:
         lengths = [n for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist() if n > 0]
         if not lengths:
@@ -203,7 +194,6 @@ def _reference(q, k, v, *, cu_seqlens, max_seqlen, order, strict, scale):
                                 scale=scale)
 
 
-_IMPLS = {"ours": _ours, "sdpa": _sdpa, "flex": _flex, "xformers": _xformers, "reference": _reference}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,9 +217,10 @@ def _auto_key(q, cu_seqlens, max_seqlen, order, strict, needs_grad) -> tuple:
             bool(needs_grad), str(q.device))
 
 
-def _table_choice(q) -> str:
-    """The unmeasured default: our kernels wherever they apply (the benchmark targets), else SDPA."""
-    return "ours" if triton_usable(q.device)[0] and q.shape[-1] <= MAX_TRITON_HEAD_DIM else "sdpa"
+def _table_choice(serves: Callable[[str], Optional[str]]) -> str:
+    """The unmeasured default: our Triton kernels wherever they can serve the call (the benchmark targets), else
+    SDPA."""
+    return "triton" if serves("triton") is None else "sdpa"
 
 
 def _time_backend(name: str, q, k, v, kwargs: dict, needs_grad: bool, reps: int = 5) -> float:
@@ -238,7 +229,7 @@ def _time_backend(name: str, q, k, v, kwargs: dict, needs_grad: bool, reps: int 
     grad = torch.randn_like(q)
 
     def step():
-        out = _IMPLS[name](qx, kx, vx, **kwargs)
+        out = _OP.impls[name].fn(qx, kx, vx, **kwargs)
         if needs_grad:
             out.backward(grad)
 
@@ -268,24 +259,31 @@ def _pick_fastest(candidates, time_one: Callable[[str], float]) -> Optional[str]
     return best
 
 
-def _auto_backend(q, k, v, kwargs: dict) -> str:
-    if q.device.type != "cuda":
+def _auto_pick(device: torch.device, serves: Callable[[str], Optional[str]], args: tuple, kwargs: dict) -> str:
+    """attention's auto (see the module docstring), among the backends that can serve the call."""
+    if device.type != "cuda":
         return "sdpa"
+    q, k, v = args
     return _measured_choice(q, k, v, kwargs, measurable=not (torch.compiler.is_compiling()
-                                                            or torch.cuda.is_current_stream_capturing()))
+                                                            or torch.cuda.is_current_stream_capturing()),
+                            serves=serves)
 
 
-def _measured_choice(q, k, v, kwargs: dict, measurable: bool) -> str:
-    """The cached choice for this case; else measure it (or, where timing is impossible, the table's)."""
+def _measured_choice(q, k, v, kwargs: dict, measurable: bool,
+                     serves: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """The cached choice for this case; else measure it (or, where timing is impossible, the table's).
+    ``serves(name)``: why backend ``name`` cannot serve the call, or None (default: its ``supports`` on q's
+    device)."""
+    if serves is None:
+        serves = lambda name: _OP.impls[name].supports(q.device, q, k, v, **kwargs)  # noqa: E731
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     key = _auto_key(q, kwargs["cu_seqlens"], kwargs["max_seqlen"], kwargs["order"], kwargs["strict"], needs_grad)
     choice = _auto_cache.get(key)
     if choice is not None:
         return choice
     if not measurable:
-        return _table_choice(q)
-    candidates = [n for n in AUTO_CANDIDATES
-                  if n != "xformers" or importlib.util.find_spec("xformers") is not None]
+        return _table_choice(serves)
+    candidates = [n for n in AUTO_CANDIDATES if serves(n) is None]
     choice = _pick_fastest(candidates, lambda name: _time_backend(name, q, k, v, kwargs, needs_grad))
     _auto_cache[key] = choice or "sdpa"
     return _auto_cache[key]
@@ -308,7 +306,12 @@ def check_attention_backend(name: str, what: str = "backend") -> str:
     return name
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto",
+_OP = define_op("attention", auto=_auto_pick, triton=Impl(_triton, triton_supports), sdpa=Impl(_sdpa),
+                flex=Impl(_flex, _flex_supports), xformers=Impl(_xformers, _xformers_supports),
+                reference=Impl(_reference))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: Optional[str] = None,
               cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
               order: Optional[torch.Tensor] = None, strict: bool = False,
               scale: Optional[float] = None) -> torch.Tensor:
@@ -316,21 +319,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
 
     Args:
         q, k, v: [B, H, N, Dh] (dense), or [T, H, Dh] packed samples with ``cu_seqlens``; same dtype and shape.
-        backend: "auto" | "ours" | "sdpa" | "flex" | "xformers" | "reference" (see the module docstring).
+        backend: "auto" | "triton" | "sdpa" | "flex" | "xformers" | "reference" (see the module docstring);
+            None: the process-wide default (``kernels.set_backend``) where it is one of these, else "auto".
         cu_seqlens, max_seqlen, order, strict, scale: as in ``kernels.sparse_attention``.
     Returns:
         Attention output with the shape and dtype of ``q``.
     Raises:
-        ValueError for an unknown backend name, BackendUnavailable where the named backend cannot serve the
-        call here (not installed, wrong device, no backward).
+        ValueError for an unknown backend name or a non-finite ``scale``, BackendUnavailable where the named
+        backend cannot serve the call here (not installed, wrong device, no backward).
+
+    Backends: see the module docstring; the Triton kernels are ``sparse_attention``'s, the reference is its
+    explicit fp32 softmax, sdpa / flex / xformers are PyTorch's and xformers' fused attention.
+    Dtypes: float32, float16, bfloat16; float64 on the reference (sdpa passes it on to PyTorch as well).
+    Limits: Triton head dims up to 128; xformers on CUDA only; flex has no backward on CPU.
     """
-    check_attention_backend(backend)
+    if backend is not None and backend not in BACKENDS:
+        check_attention_backend(backend)
     max_seqlen = check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale)
     kwargs = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, order=order, strict=bool(strict),
                   scale=None if scale is None else float(scale))
-    if backend == "auto":
-        backend = _auto_backend(q, k, v, kwargs)
-    return _IMPLS[backend](q, k, v, **kwargs)
+    return _OP(backend, q.device, q, k, v, **kwargs)
 
 
 __all__ = ["attention", "ATTENTION_BACKENDS", "BackendUnavailable", "auto_choices", "check_attention_backend"]

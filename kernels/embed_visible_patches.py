@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from ._backend import dispatch
+from ._backend import Impl, define_op, triton_reason
+from ._custom_op import define
 from ._triton import INTERPRET, tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_shape, check_tensor
 from .gather_tokens import _gather_tokens_bwd_op, gather_tokens_ref
@@ -166,20 +167,17 @@ def _embed_fwd(imgs, ids_keep, weight, bias, pos, patch_size):
 
 # --- autograd binding -----------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::embed_visible_patches_triton", mutates_args=())
-def _embed_op(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              pos_embed: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _embed_triton(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  pos_embed: torch.Tensor, patch_size: int) -> torch.Tensor:
     bias = bias.contiguous() if bias is not None else None
     return _embed_fwd(imgs, ids_keep.contiguous(), weight, bias, pos_embed, patch_size)
 
 
-@_embed_op.register_fake
-def _(imgs, ids_keep, weight, bias, pos_embed, patch_size):
+def _embed_fake(imgs, ids_keep, weight, bias, pos_embed, patch_size):
     return imgs.new_empty((imgs.shape[0], ids_keep.shape[1], weight.shape[0]))
 
 
-@torch.library.custom_op("kernels::embed_visible_patches_triton_patches", mutates_args=())
-def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
+def _gather_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> torch.Tensor:
     """[B*K, C*p*p]: the visible patches' pixels in (channel, row, col) order."""
     batch, channels, _, width = imgs.shape
     ids_keep = ids_keep.contiguous()
@@ -194,13 +192,12 @@ def _gather_patches_op(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: i
     return out
 
 
-@_gather_patches_op.register_fake
-def _(imgs, ids_keep, patch_size):
-    return imgs.new_empty((imgs.shape[0] * ids_keep.shape[1], imgs.shape[1] * patch_size * patch_size))
+_gather_patches_op = define(
+    "embed_visible_patches_triton_patches", _gather_patches,
+    fake=lambda imgs, ids_keep, p: imgs.new_empty((imgs.shape[0] * ids_keep.shape[1], imgs.shape[1] * p * p)))
 
 
-@torch.library.custom_op("kernels::embed_visible_patches_triton_pos_grad", mutates_args=())
-def _pos_grad_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+def _pos_grad(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     """[L, D] fp32: dpos[l] = sum over the batch of dout[b, k] with ids_keep[b, k] == l."""
     batch, num_keep, dim = dout.shape
     dpos = _alloc((num_patches, dim), dtype=torch.float32, device=dout.device)
@@ -214,9 +211,9 @@ def _pos_grad_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -
     return dpos
 
 
-@_pos_grad_op.register_fake
-def _(dout, ids_keep, num_patches):
-    return dout.new_empty((num_patches, dout.shape[2]), dtype=torch.float32)
+_pos_grad_op = define(
+    "embed_visible_patches_triton_pos_grad", _pos_grad,
+    fake=lambda dout, ids_keep, num_patches: dout.new_empty((num_patches, dout.shape[2]), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -253,14 +250,20 @@ def _backward(ctx, grad):
     return dimgs, None, dweight, dbias, dpos, None
 
 
-_embed_op.register_autograd(_backward, setup_context=_setup_context)
+_embed_op = define("embed_visible_patches_triton", _embed_triton, fake=_embed_fake, backward=_backward,
+                   setup_context=_setup_context)
 
 
 def embed_visible_patches_triton(imgs, ids_keep, weight, bias, pos_embed, patch_size):
     return _embed_op(imgs, ids_keep, weight, bias, pos_embed, patch_size)
 
 
-_IMPLS = {"reference": embed_visible_patches_ref, "triton": embed_visible_patches_triton}
+_OP = define_op(
+    "embed_visible_patches",
+    reference=Impl(embed_visible_patches_ref),
+    triton=Impl(embed_visible_patches_triton,
+                lambda device, imgs, ids_keep, weight, bias, pos, p: triton_reason(device, imgs, weight, bias, pos)),
+)
 
 
 def embed_visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -274,8 +277,21 @@ def embed_visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: to
         weight: [D, C, p, p] patch-embedding conv weight, imgs's dtype; bias: [D] (weight's dtype) or None.
             Under autocast, imgs, weight and bias are first cast to the autocast dtype, as F.linear would.
         pos_embed: [1, L, D] or [L, D] position embedding of the patches (no cls entry), any float dtype.
+        patch_size: p, which must divide H and W; L = (H / p) * (W / p).
+        backend: "auto" | "reference" | "triton" (None: the process default, ``set_backend``).
     Returns:
         [B, K, D] in imgs's dtype, differentiable in weight, bias and pos_embed (and imgs).
+
+    ``ids_keep`` holds distinct indices within a row, checked as in ``gather_tokens`` (a repeat raises
+    ValueError on CPU, a device assert on CUDA): the Triton backward would drop the repeated bias and
+    position gradients.
+
+    Backends: reference (patchify all L patches, gather K, F.linear); triton (reads the K visible patches
+    straight from the NCHW image inside a fused matmul + bias + position kernel: the [B, L, C*p*p] patch
+    tensor is never built). No CUDA-extension kernel.
+    Dtypes: float32, float16, bfloat16 (fp32 accumulation); float64 on the reference only. fp32 matmuls
+    follow torch's TF32 switch.
+    Limits: none beyond memory; the Triton backward regathers the [B*K, C*p*p] patches for the weight gradient.
     """
     check_tensor("imgs", imgs, ndim=4, dtypes=FLOAT_DTYPES)
     device = imgs.device
@@ -302,6 +318,5 @@ def embed_visible_patches(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: to
     check_shape("pos_embed", pos, [1, num_patches, dim])
     if ids_keep.shape[0] != imgs.shape[0]:
         raise ValueError(f"ids_keep must have batch size {imgs.shape[0]} like imgs, got {ids_keep.shape[0]}")
-    check_indices("ids_keep", ids_keep, num_patches)
-    impl = dispatch("embed_visible_patches", backend, device, _IMPLS)
-    return impl(imgs, ids_keep, weight, bias, pos, p)
+    check_indices("ids_keep", ids_keep, num_patches, distinct=True)
+    return _OP(backend, device, imgs, ids_keep, weight, bias, pos, p)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import _cuda
-from ._backend import dispatch
+from ._backend import Impl, cuda_reason, define_op, triton_reason
+from ._custom_op import define_with_grad
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_tensor
 from .scatter_tokens import inverse_positions, row_tiles, scatter_rows
@@ -65,26 +66,13 @@ def gather_rows(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# --- autograd binding -----------------------------------------------------------------------
+# --- autograd binding (the Triton and the CUDA ops share fakes, setup_context and backward) -------------
 
-@torch.library.custom_op("kernels::gather_tokens_triton", mutates_args=())
-def _gather_tokens_op(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    return gather_rows(x, ids_keep.contiguous())
-
-
-@_gather_tokens_op.register_fake
-def _(x, ids_keep):
+def _fake(x, ids_keep):
     return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
 
 
-@torch.library.custom_op("kernels::gather_tokens_triton_bwd", mutates_args=())
-def _gather_tokens_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """dx [B, L, D]: dout's rows at the positions ids_keep, zeros elsewhere."""
-    return scatter_rows(dout, inverse_positions(ids_keep, num_patches), None)
-
-
-@_gather_tokens_bwd_op.register_fake
-def _(dout, ids_keep, num_patches):
+def _grad_fake(dout, ids_keep, num_patches):
     return dout.new_empty((dout.shape[0], num_patches, dout.shape[2]))
 
 
@@ -94,12 +82,26 @@ def _setup_context(ctx, inputs, output):
     ctx.num_patches, ctx.x_dtype = x.shape[1], x.dtype
 
 
-def _backward(ctx, grad):
+def _backward(grad_op, ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    return _gather_tokens_bwd_op(grad, ids_keep, ctx.num_patches).to(ctx.x_dtype), None
+    return grad_op(grad, ids_keep, ctx.num_patches).to(ctx.x_dtype), None
 
 
-_gather_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+def _bind(name: str, forward, grad):
+    return define_with_grad(name, forward, grad, fake=_fake, grad_fake=_grad_fake, backward=_backward,
+                            setup_context=_setup_context)
+
+
+def _triton_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    return gather_rows(x, ids_keep.contiguous())
+
+
+def _triton_bwd(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """dx [B, L, D]: dout's rows at the positions ids_keep, zeros elsewhere."""
+    return scatter_rows(dout, inverse_positions(ids_keep, num_patches), None)
+
+
+_gather_tokens_op, _gather_tokens_bwd_op = _bind("gather_tokens_triton", _triton_fwd, _triton_bwd)
 
 
 def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -112,59 +114,57 @@ def gather_tokens_triton(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tenso
 # the inverse map with zero fill, as the Triton one does. x may have any batch/token strides; a last
 # dimension that is not unit-stride is copied first.
 
-@torch.library.custom_op("kernels::gather_tokens_cuda", mutates_args=())
-def _gather_tokens_cuda_op(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+def _cuda_fwd(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     x, ids_keep = _cuda.unit_last(x), ids_keep.contiguous()
     out = _alloc((x.shape[0], ids_keep.shape[1], x.shape[2]), dtype=x.dtype, device=x.device)
     _cuda.load().gather_rows(x, ids_keep, out, _cuda.stream(x))
     return out
 
 
-@_gather_tokens_cuda_op.register_fake
-def _(x, ids_keep):
-    return x.new_empty((x.shape[0], ids_keep.shape[1], x.shape[2]))
-
-
-@torch.library.custom_op("kernels::gather_tokens_cuda_bwd", mutates_args=())
-def _gather_tokens_cuda_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
+def _cuda_bwd(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     dout = _cuda.unit_last(dout)
     out = _alloc((dout.shape[0], num_patches, dout.shape[2]), dtype=dout.dtype, device=dout.device)
     _cuda.load().scatter_rows(dout, inverse_positions(ids_keep, num_patches), None, out, _cuda.stream(dout))
     return out
 
 
-@_gather_tokens_cuda_bwd_op.register_fake
-def _(dout, ids_keep, num_patches):
-    return dout.new_empty((dout.shape[0], num_patches, dout.shape[2]))
-
-
-def _cuda_backward(ctx, grad):
-    (ids_keep,) = ctx.saved_tensors
-    return _gather_tokens_cuda_bwd_op(grad, ids_keep, ctx.num_patches).to(ctx.x_dtype), None
-
-
-_gather_tokens_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+_gather_tokens_cuda_op, _gather_tokens_cuda_bwd_op = _bind("gather_tokens_cuda", _cuda_fwd, _cuda_bwd)
 
 
 def gather_tokens_cuda(x: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
     return _gather_tokens_cuda_op(x, ids_keep)
 
 
-_IMPLS = {"reference": gather_tokens_ref, "triton": gather_tokens_triton, "cuda": gather_tokens_cuda}
+_OP = define_op(
+    "gather_tokens",
+    reference=Impl(gather_tokens_ref),
+    triton=Impl(gather_tokens_triton, lambda device, x, ids_keep: triton_reason(device, x)),
+    cuda=Impl(gather_tokens_cuda, lambda device, x, ids_keep: cuda_reason(device, x)),
+)
 
 
 def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Visible tokens of each sample, differentiable in ``x``.
+    """Visible tokens of each sample, differentiable in ``x``: out[b, k] = x[b, ids_keep[b, k]].
 
     Args:
         x: [B, L, D] tokens (any strides; the Triton kernel reads them in place).
-        ids_keep: [B, K] indices into L, distinct within a row.
+        ids_keep: [B, K] int64 or int32 indices into L, distinct within a row. Both are checked: an index
+            outside [0, L) raises IndexError and a repeated index ValueError on CPU tensors (or with
+            ``set_index_checks(True)``); on CUDA, and under torch.compile, they are device-side asserts (no
+            host sync). Repeats are refused, not accumulated: the kernels' backward writes each row of dx
+            once, without atomics.
+        backend: "auto" | "reference" | "triton" | "cuda" (None: the process default, ``set_backend``).
     Returns:
         [B, K, D], same dtype as ``x``.
+
+    Backends: reference (torch.gather); triton and cuda (row copies; the backward walks dx in position order
+    through a [B, L] int32 inverse map and writes every element once: no zero fill, no atomics).
+    Dtypes: float32, float16, bfloat16 on every backend; float64 on the reference only.
+    Limits: none beyond memory (the output, and an int32 [B, L] map in the backward).
     """
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=x.device)
     if ids_keep.shape[0] != x.shape[0]:
         raise ValueError(f"ids_keep must have batch size {x.shape[0]} like x, got {ids_keep.shape[0]}")
-    check_indices("ids_keep", ids_keep, x.shape[1])
-    return dispatch("gather_tokens", backend, x.device, _IMPLS)(x, ids_keep)
+    check_indices("ids_keep", ids_keep, x.shape[1], distinct=True)
+    return _OP(backend, x.device, x, ids_keep)

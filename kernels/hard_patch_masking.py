@@ -10,39 +10,42 @@ from __future__ import annotations
 import torch
 
 from . import _cuda
-from ._backend import dispatch, get_backend
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._backend import Impl, cuda_reason, define_op
+from ._custom_op import define
+from ._validate import FLOAT_DTYPES, check_tensor, compute_dtype
 from .masking import Masking, check_masking_args, masking_from_noise
 
 
 def top_patches_ref(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, k] positions of the k highest scores of each row (compared in fp32).
+    """[B, k] positions of the k highest scores of each row (compared in fp32, float64 scores in float64).
 
     Tie rule, shared by every backend so that they select the same set: a higher score first, then the lower
     position (a stable descending sort); NaN ranks above +inf and -0.0 equals +0.0 (torch.sort's order).
     torch.topk leaves ties at the boundary to its implementation (CPU and CUDA may differ), so it is not used.
     """
-    return torch.sort(scores.float(), dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(scores.to(compute_dtype(scores.dtype)), dim=1, descending=True, stable=True).indices[:, :k]
 
 
 # CUDA (csrc/topk.cu): radix select per row (no sort), the same tie rule; positions in ascending order.
-@torch.library.custom_op("kernels::top_patches_cuda", mutates_args=())
-def _top_patches_cuda_op(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _cuda_fwd(scores: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(scores.shape[0], k, device=scores.device, dtype=torch.int64)
     _cuda.load().row_topk(scores, k, out, _cuda.stream(scores))
     return out
 
 
-@_top_patches_cuda_op.register_fake
-def _(scores, k):
-    return scores.new_empty((scores.shape[0], k), dtype=torch.int64)
+_top_patches_cuda_op = define("top_patches_cuda", _cuda_fwd,
+                              fake=lambda scores, k: scores.new_empty((scores.shape[0], k), dtype=torch.int64))
 
 
 def top_patches_cuda(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _top_patches_cuda_op(scores, k)
 
 
-_IMPLS = {"reference": top_patches_ref, "cuda": top_patches_cuda}
+_OP = define_op(
+    "hard_patch_masking",
+    reference=Impl(top_patches_ref),
+    cuda=Impl(top_patches_cuda, lambda device, scores, k: cuda_reason(device, scores)),
+)
 
 
 def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: int,
@@ -55,8 +58,16 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
         num_hard: how many of the masked patches are the top-scored ones; 0 gives a
             plain random mask. At most the number of masked patches.
         generator: random generator on ``pred_score``'s device.
-        backend: who selects the top-scored patches ("reference": a stable sort; "cuda": radix select);
-            both apply the tie rule of ``top_patches_ref``.
+        backend: who selects the top-scored patches ("auto" | "reference": a stable sort; "cuda": radix
+            select); both apply the tie rule of ``top_patches_ref``. No Triton kernel: a process-wide default
+            this op lacks counts as "auto".
+    Returns:
+        a ``Masking`` (ids_keep [B, K], ids_restore [B, L], mask [B, L]); no gradient flows.
+
+    Backends: reference (torch.sort of each row, O(L log L)); cuda (per-row radix select, no sort).
+    Dtypes: pred_score float32, float16, bfloat16 (compared in fp32); float64 on the reference only
+    (compared in float64).
+    Limits: 0 <= num_hard <= the number of masked patches; mask_ratio in [0, 1).
     """
     check_tensor("pred_score", pred_score, ndim=2, dtypes=FLOAT_DTYPES)
     batch, num_patches = pred_score.shape
@@ -67,9 +78,6 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
                          f"patches), got {num_hard}")
     noise = torch.rand(batch, num_patches, generator=generator, device=pred_score.device)
     if num_hard > 0:
-        if backend is None:  # a process-wide default this op lacks (e.g. "triton") means "auto" here
-            backend = get_backend() if get_backend() in _IMPLS else "auto"
-        select = dispatch("hard_patch_masking", backend, pred_score.device, _IMPLS)
-        hard = select(pred_score.detach(), int(num_hard))
+        hard = _OP(backend, pred_score.device, pred_score.detach(), int(num_hard))
         noise.scatter_(1, hard, 2.0)
     return masking_from_noise(noise, keep)

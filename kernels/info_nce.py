@@ -6,7 +6,7 @@ symmetric=True averages both directions: 0.5 * (loss(q -> k) + loss(k -> q)), th
 additionally multiplies its loss by 2 * tau; that factor is NOT applied here (multiply it yourself).
 
 Split of work. Only the log-sum-exp needs the N x N matrix, so it is the kernel: the op
-``kernels::info_nce_lse`` streams tiles of S = Q K^T, keeps an online max / sum per row and returns
+``sslpt::info_nce_lse`` streams tiles of S = Q K^T, keeps an online max / sum per row and returns
 lse_i (and, for symmetric, the column lse) plus the positive logit s_ii, all fp32; loss = mean(lse - s_ii)
 is then a torch op on N numbers. The normalisation (q / |q|) and 1/tau are O(N d) torch ops around the
 kernel, so autograd differentiates them (a few extra passes over [N, d], negligible beside N^2 d).
@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import dispatch, get_backend
+from ._backend import Impl, cuda_reason, define_op, triton_reason
+from ._custom_op import define
 from ._triton import INTERPRET, tl, triton
 from ._validate import FLOAT_DTYPES, check_shape, check_tensor
 
@@ -53,20 +54,25 @@ MAX_TRITON_DIM = 2048  # the backward keeps a [BLOCK_M, d] fp32 accumulator per 
 # Shared helpers (also used by nt_xent)
 # ----------------------------------------------------------------------------------------------
 def check_temperature(temperature, device: torch.device) -> None:
-    """A positive finite float, or a 0-dim floating tensor (on ``device`` or the CPU)."""
+    """A positive finite float, or a 0-dim floating tensor (on ``device`` or the CPU).
+
+    A tensor's value is read on the host only where that is free: a CPU tensor outside torch.compile. On an
+    accelerator, and while torch.compile traces (a learnable temperature under fullgraph=True), it is a
+    device-side assert instead: no host sync, no graph break.
+    """
     if isinstance(temperature, torch.Tensor):
         if temperature.dim() != 0:
             raise ValueError(f"temperature must be a float or a 0-dim tensor, got shape {list(temperature.shape)}")
         if not temperature.is_floating_point():
             raise TypeError(f"temperature must be a floating tensor, got {temperature.dtype}")
-        if temperature.device.type == "cpu":
-            value = float(temperature.detach())
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"temperature must be > 0 and finite, got {value}")
-        elif temperature.device != device:
+        if temperature.device.type != "cpu" and temperature.device != device:
             raise ValueError(f"temperature must be on {device} or the CPU, got {temperature.device}")
-        else:  # no host sync on an accelerator: a device-side assert instead
-            torch._assert_async(temperature > 0, "temperature must be > 0")
+        value = temperature.detach()
+        if temperature.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool((value > 0) & torch.isfinite(value)):
+                raise ValueError(f"temperature must be > 0 and finite, got {value.item()}")
+        else:
+            torch._assert_async((value > 0) & torch.isfinite(value), "temperature must be > 0 and finite")
         return
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
@@ -82,10 +88,16 @@ def inverse_temperature(temperature, device: torch.device, dtype: torch.dtype = 
 
 
 def gather_with_grad(x: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate ``x`` from every rank of ``group`` (rank order); the backward sums gradients onto owners."""
-    import torch.distributed.nn.functional as dist_fn
+    """Concatenate ``x`` from every rank of ``group`` (rank order); the backward sums gradients onto owners.
 
-    return torch.cat(dist_fn.all_gather(x, group=group), dim=0)
+    One all_gather_into_tensor through torch's functional collectives (whose backward is a sum
+    reduce-scatter: every rank gets the sum over ranks of the gradients of its own rows), not the deprecated
+    list-based ``torch.distributed.nn.functional.all_gather``.
+    """
+    from torch.distributed import _functional_collectives as fc
+
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd  # torch < 2.13
+    return gather(x.contiguous(), 0, group)
 
 
 def rank_in(group) -> int:
@@ -346,26 +358,22 @@ def _masks(exclude_self: bool, self_offset: int, pos_offset: int, pos_shift: int
             "positive": (pos_offset, pos_shift, pos_period) if pos_period > 0 else None}
 
 
-@torch.library.custom_op("kernels::info_nce_lse_bwd", mutates_args=())
-def lse_bwd_op(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-               a_lse: Optional[torch.Tensor], a_grad: Optional[torch.Tensor], a_pgrad: Optional[torch.Tensor],
-               b_lse: Optional[torch.Tensor], b_grad: Optional[torch.Tensor], b_pgrad: Optional[torch.Tensor],
-               exclude_self: bool, self_offset: int, pos_offset: int, pos_shift: int, pos_period: int
-               ) -> torch.Tensor:
+def _lse_bwd(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+             a_lse: Optional[torch.Tensor], a_grad: Optional[torch.Tensor], a_pgrad: Optional[torch.Tensor],
+             b_lse: Optional[torch.Tensor], b_grad: Optional[torch.Tensor], b_pgrad: Optional[torch.Tensor],
+             exclude_self: bool, self_offset: int, pos_offset: int, pos_shift: int, pos_period: int
+             ) -> torch.Tensor:
     a_stats = (a_lse, a_grad, a_pgrad) if a_lse is not None else None
     b_stats = (b_lse, b_grad, b_pgrad) if b_lse is not None else None
     return lse_backward(a, b, scale, a_stats, b_stats,
                         **_masks(exclude_self, self_offset, pos_offset, pos_shift, pos_period))
 
 
-@lse_bwd_op.register_fake
-def _(a, b, scale, a_lse, a_grad, a_pgrad, b_lse, b_grad, b_pgrad, *masks):
-    return a.new_empty(a.shape, dtype=torch.float32)
+lse_bwd_op = define("info_nce_lse_bwd", _lse_bwd, fake=lambda a, b, *rest: a.new_empty(a.shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("kernels::info_nce_lse", mutates_args=())
-def info_nce_lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lse_triton(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row lse [R], column lse [C] or [0], positive logits [R]) of s = scale * q k^T, all fp32.
 
     Row r's positive is column pos_offset + r; with_col (the column direction) needs R == C, pos_offset 0.
@@ -375,8 +383,7 @@ def info_nce_lse(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col
     return row, col, pos
 
 
-@info_nce_lse.register_fake
-def _(q, k, scale, with_col, pos_offset):
+def _lse_fake(q, k, scale, with_col, pos_offset):
     rows = q.new_empty(q.shape[0], dtype=torch.float32)
     return rows, q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32), torch.empty_like(rows)
 
@@ -405,12 +412,18 @@ def _lse_backward(ctx, grad_row, grad_col, grad_pos):
     return dq, dk, dscale, None, None
 
 
-info_nce_lse.register_autograd(_lse_backward, setup_context=_lse_setup)
+info_nce_lse = define("info_nce_lse", _lse_triton, fake=_lse_fake, backward=_lse_backward, setup_context=_lse_setup)
+
+
+def triton_supports(device, a: torch.Tensor, b: torch.Tensor, *_) -> Optional[str]:
+    """Whether the Triton kernels serve rows a, b of width d (info_nce and nt_xent): None, or why not."""
+    why = triton_reason(device, a, b)
+    if why is None and a.shape[1] > MAX_TRITON_DIM:
+        why = f"d={a.shape[1]} > {MAX_TRITON_DIM} (the Triton kernel's limit)"
+    return why
 
 
 def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
-    if q.shape[1] > MAX_TRITON_DIM:
-        raise ValueError(f"info_nce: the triton backend supports d <= {MAX_TRITON_DIM}, got d={q.shape[1]}")
     scale = inverse_temperature(temperature, q.device)
     if normalize:  # in fp32, rounded once to the input dtype that the kernel reads
         q = F.normalize(q.float(), dim=-1).to(q.dtype)
@@ -435,7 +448,7 @@ def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) 
 # with logsumexp) and, in the backward, the gradient weights W in fp32, rounded once to the input dtype for
 # dQ = scale W K and dK = scale W^T Q (two more cuBLAS matmuls). Unlike the Triton kernels the logits go
 # through HBM (written once, read once or twice per pass), so this wins only where that traffic is cheap
-# (small N); it has no limit on d. Same custom-op outputs as kernels::info_nce_lse, same setup_context.
+# (small N); it has no limit on d. Same custom-op outputs as sslpt::info_nce_lse, same setup_context.
 # ----------------------------------------------------------------------------------------------
 _CUDA_CHUNK_ELEMENTS = 1 << 27   # 512 MiB of fp32 logits per block of rows
 _CUDA_COL_SEGMENT = 64            # rows per partial column lse
@@ -456,10 +469,9 @@ def _row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
     return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
-@torch.library.custom_op("kernels::info_nce_lse_cuda", mutates_args=())
-def info_nce_lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels::info_nce_lse on the CUDA extension: (row lse, column lse or [0], positive logits), fp32."""
+def _lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool, pos_offset: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sslpt::info_nce_lse on the CUDA extension: (row lse, column lse or [0], positive logits), fp32."""
     ext, stream = _cuda.load(), _cuda.stream(q)
     q, k = q.contiguous(), k.contiguous()
     scale32 = scale.detach().float().contiguous()
@@ -479,17 +491,10 @@ def info_nce_lse_cuda(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, wit
     return row, (col if col is not None else q.new_empty(0, dtype=torch.float32)), pos
 
 
-@info_nce_lse_cuda.register_fake
-def _(q, k, scale, with_col, pos_offset):
-    rows = q.new_empty(q.shape[0], dtype=torch.float32)
-    return rows, q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32), torch.empty_like(rows)
-
-
-@torch.library.custom_op("kernels::info_nce_lse_cuda_bwd", mutates_args=())
-def info_nce_lse_cuda_bwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row: torch.Tensor,
-                          row_grad: Optional[torch.Tensor], pos_grad: Optional[torch.Tensor],
-                          col: Optional[torch.Tensor], col_grad: Optional[torch.Tensor], pos_offset: int,
-                          need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _lse_cuda_bwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row: torch.Tensor,
+                  row_grad: Optional[torch.Tensor], pos_grad: Optional[torch.Tensor],
+                  col: Optional[torch.Tensor], col_grad: Optional[torch.Tensor], pos_offset: int,
+                  need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dq [R, d] or [0], dL/dk [C, d] or [0]) in fp32, the logits recomputed block by block."""
     ext, stream = _cuda.load(), _cuda.stream(q)
     q, k = q.contiguous(), k.contiguous()
@@ -510,10 +515,12 @@ def info_nce_lse_cuda_bwd(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
     return dq.mul_(scale32), dk.mul_(scale32)
 
 
-@info_nce_lse_cuda_bwd.register_fake
-def _(q, k, scale, row, row_grad, pos_grad, col, col_grad, pos_offset, need_q, need_k):
+def _lse_cuda_bwd_fake(q, k, scale, row, row_grad, pos_grad, col, col_grad, pos_offset, need_q, need_k):
     return (q.new_empty(q.shape if need_q else (0,), dtype=torch.float32),
             k.new_empty(k.shape if need_k else (0,), dtype=torch.float32))
+
+
+info_nce_lse_cuda_bwd = define("info_nce_lse_cuda_bwd", _lse_cuda_bwd, fake=_lse_cuda_bwd_fake)
 
 
 def _lse_cuda_backward(ctx, grad_row, grad_col, grad_pos):
@@ -528,7 +535,8 @@ def _lse_cuda_backward(ctx, grad_row, grad_col, grad_pos):
     return (dq.to(q.dtype) if need_q else None), (dk.to(k.dtype) if need_k else None), dscale, None, None
 
 
-info_nce_lse_cuda.register_autograd(_lse_cuda_backward, setup_context=_lse_setup)
+info_nce_lse_cuda = define("info_nce_lse_cuda", _lse_cuda, fake=_lse_fake, backward=_lse_cuda_backward,
+                           setup_context=_lse_setup)
 
 
 def info_nce_cuda(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
@@ -549,7 +557,12 @@ def info_nce_cuda(q, k, temperature, normalize: bool, symmetric: bool, group) ->
     return loss
 
 
-_IMPLS = {"reference": info_nce_ref, "triton": info_nce_triton, "cuda": info_nce_cuda}
+_OP = define_op(
+    "info_nce",
+    reference=Impl(info_nce_ref),
+    triton=Impl(info_nce_triton, triton_supports),
+    cuda=Impl(info_nce_cuda, lambda device, q, k, *_: cuda_reason(device, q, k)),
+)
 
 
 def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None:
@@ -563,29 +576,33 @@ def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None
         raise ValueError(f"{names[0]} must have at least one row and one column, got shape {list(a.shape)}")
 
 
-def resolve_backend(backend: Optional[str], dim: int) -> Optional[str]:
-    """backend="auto" keeps to the reference where the Triton kernel cannot serve ``dim``."""
-    if (backend or get_backend()) == "auto" and dim > MAX_TRITON_DIM:
-        return "reference"
-    return backend
-
-
-def info_nce(q: torch.Tensor, k: torch.Tensor, temperature, *, normalize: bool = True, symmetric: bool = False,
-             group=None, backend: Optional[str] = None) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor, *, normalize: bool = True,
+             symmetric: bool = False, group: torch.distributed.ProcessGroup | None = None,
+             backend: Optional[str] = None) -> torch.Tensor:
     """InfoNCE: row i of ``q`` against all keys, positive ``k[i]``; mean cross-entropy over rows.
 
     Args:
         q: [N, d] queries. k: [N, d] keys, same dtype and device.
-        temperature: a float > 0, or a 0-dim tensor (may require grad: a learnable temperature).
+        temperature: a float > 0, or a 0-dim floating tensor on q's device or the CPU (may require grad: a
+            learnable temperature; checked without a host sync on accelerators and under torch.compile).
         normalize: L2-normalise q and k first (cosine similarity).
         symmetric: average the q->k and k->q directions (CLIP). MoCo v3's extra factor 2*tau is not applied.
         group: a torch.distributed process group: negatives are the keys of all its ranks (all-gathered
             with gradient). Each rank returns the mean over its own rows; averaging gradients over ranks
             (DDP) gives the gradient of the global-batch loss. See the module docstring.
+        backend: "auto" | "reference" | "triton" | "cuda" (None: the process default, ``set_backend``).
     Returns:
-        a 0-dim fp32 loss.
+        a 0-dim loss: fp32 (float64 for float64 inputs).
+
+    Backends: reference (materialises the [N, N] logits, [N, W*N] with a group of W ranks; F.cross_entropy);
+    triton (never materialises the logits: O(N d) memory, logits recomputed tile by tile in the backward);
+    cuda (cuBLAS logits in blocks of at most 2**27 fp32 values, i.e. 512 MiB, at a time). ``auto`` picks
+    Triton on CUDA tensors, the reference elsewhere and wherever Triton cannot serve the call.
+    Dtypes: float32, float16, bfloat16 on every backend (fp32 accumulation; the loss is fp32); float64 on
+    the reference only.
+    Limits: the Triton kernels need d <= 2048 (MAX_TRITON_DIM; ``auto`` falls back to the reference above
+    it); the CUDA backend has no limit on d. N >= 1; with a group, every rank must hold the same N.
     """
     check_pair(("q", "k"), q, k)
     check_temperature(temperature, q.device)
-    impl = dispatch("info_nce", resolve_backend(backend, q.shape[1]), q.device, _IMPLS)
-    return impl(q, k, temperature, bool(normalize), bool(symmetric), group)
+    return _OP(backend, q.device, q, k, temperature, bool(normalize), bool(symmetric), group)

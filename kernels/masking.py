@@ -71,6 +71,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, generator: t
 
     Exactly ``num_patches - int(num_patches * (1 - mask_ratio))`` patches are masked in
     every row. ``generator`` (on ``device``) makes the draw reproducible.
+    Backends: none (torch.rand, one argsort per row, no host sync). Limits: mask_ratio in [0, 1).
     """
     if int(batch) != batch or batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch}")

@@ -25,9 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._backend import dispatch
-from .info_nce import (MAX_TRITON_DIM, check_pair, check_temperature, gather_with_grad, inverse_temperature,
-                       lse_bwd_op, lse_forward, rank_in, resolve_backend)
+from ._backend import Impl, define_op
+from ._custom_op import define
+from .info_nce import (check_pair, check_temperature, gather_with_grad, inverse_temperature, lse_bwd_op, lse_forward,
+                       rank_in, triton_supports)
 
 
 def _views(z1: torch.Tensor, z2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -52,15 +53,13 @@ def nt_xent_ref(z1: torch.Tensor, z2: torch.Tensor, temperature, group=None) -> 
 
 
 # One process: rows and columns are the same z, so one fused backward pass.
-@torch.library.custom_op("kernels::nt_xent_lse", mutates_args=())
-def nt_xent_lse(z: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _self_lse(z: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(lse_i = log sum_{j != i} exp(s_ij), positive logits s_{i, i+-N}) for s = scale * z z^T, fp32 [2N]."""
     half = z.shape[0] // 2
     return lse_forward(z, z, scale, self_offset=0, positive=(0, half, 2 * half))
 
 
-@nt_xent_lse.register_fake
-def _(z, scale):
+def _lse_fake(z, *_):
     lse = z.new_empty(z.shape[0], dtype=torch.float32)
     return lse, torch.empty_like(lse)
 
@@ -78,22 +77,15 @@ def _self_backward(ctx, grad_lse, grad_pos):
     return dz.to(z.dtype), dscale
 
 
-nt_xent_lse.register_autograd(_self_backward, setup_context=_self_setup)
+nt_xent_lse = define("nt_xent_lse", _self_lse, fake=_lse_fake, backward=_self_backward, setup_context=_self_setup)
 
 
 # Across ranks: local rows against all ranks' views; row r's self is column offset + r, its positive is
 # column offset + (r + N_local) % (2 N_local).
-@torch.library.custom_op("kernels::nt_xent_lse_rows", mutates_args=())
-def nt_xent_lse_rows(z: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, offset: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rows_lse(z: torch.Tensor, keys: torch.Tensor, scale: torch.Tensor, offset: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     half = z.shape[0] // 2
     return lse_forward(z, keys, scale, self_offset=offset, positive=(offset, half, 2 * half))
-
-
-@nt_xent_lse_rows.register_fake
-def _(z, keys, scale, offset):
-    lse = z.new_empty(z.shape[0], dtype=torch.float32)
-    return lse, torch.empty_like(lse)
 
 
 def _rows_setup(ctx, inputs, output):
@@ -118,12 +110,11 @@ def _rows_backward(ctx, grad_lse, grad_pos):
     return dz, dkeys, dscale, None
 
 
-nt_xent_lse_rows.register_autograd(_rows_backward, setup_context=_rows_setup)
+nt_xent_lse_rows = define("nt_xent_lse_rows", _rows_lse, fake=_lse_fake, backward=_rows_backward,
+                          setup_context=_rows_setup)
 
 
 def nt_xent_triton(z1, z2, temperature, group) -> torch.Tensor:
-    if z1.shape[1] > MAX_TRITON_DIM:
-        raise ValueError(f"nt_xent: the triton backend supports d <= {MAX_TRITON_DIM}, got d={z1.shape[1]}")
     scale = inverse_temperature(temperature, z1.device)
     z = _views(z1, z2, z1.dtype)
     if group is None:
@@ -133,22 +124,28 @@ def nt_xent_triton(z1, z2, temperature, group) -> torch.Tensor:
     return (lse - pos).mean()
 
 
-_IMPLS = {"reference": nt_xent_ref, "triton": nt_xent_triton}
+_OP = define_op("nt_xent", reference=Impl(nt_xent_ref), triton=Impl(nt_xent_triton, triton_supports))
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature, *, group=None,
-            backend: Optional[str] = None) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float | torch.Tensor, *,
+            group: torch.distributed.ProcessGroup | None = None, backend: Optional[str] = None) -> torch.Tensor:
     """SimCLR's NT-Xent over the 2N views of N samples (inputs are L2-normalised inside).
 
     Args:
         z1, z2: [N, d] projections of two views of the same N samples (same dtype and device).
-        temperature: a float > 0 or a 0-dim tensor (may require grad).
+        temperature: a float > 0 or a 0-dim floating tensor (may require grad), as for ``info_nce``.
         group: a torch.distributed process group: negatives come from the views of all its ranks. Each rank
             returns the mean over its own 2N rows; average gradients over ranks (DDP), as for ``info_nce``.
+        backend: "auto" | "reference" | "triton" (None: the process default, ``set_backend``).
     Returns:
-        a 0-dim fp32 loss.
+        a 0-dim loss: fp32 (float64 for float64 inputs).
+
+    Backends: reference (materialises the [2N, 2N] logits, [2N, 2WN] with a group of W ranks); triton (info_nce's
+    kernels with the self-similarity excluded: O(N d) memory, one fused backward pass). No CUDA-extension kernel.
+    Dtypes: float32, float16, bfloat16 (fp32 accumulation, fp32 loss); float64 on the reference only.
+    Limits: the Triton kernels need d <= 2048 (``auto`` falls back to the reference above it). N >= 1; with a
+    group, every rank must hold the same N.
     """
     check_pair(("z1", "z2"), z1, z2)
     check_temperature(temperature, z1.device)
-    impl = dispatch("nt_xent", resolve_backend(backend, z1.shape[1]), z1.device, _IMPLS)
-    return impl(z1, z2, temperature, group)
+    return _OP(backend, z1.device, z1, z2, temperature, group)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from . import _cuda
-from ._backend import dispatch
+from ._backend import Impl, cuda_reason, define_op, triton_reason
+from ._custom_op import define_with_grad
 from ._triton import tl, triton
-from ._validate import FLOAT_DTYPES, check_shape, check_tensor
+from ._validate import FLOAT_DTYPES, check_shape, check_tensor, compute_dtype
 
 
 def normalize_patches(target: torch.Tensor, eps: float) -> torch.Tensor:
@@ -23,11 +24,12 @@ def normalize_patches(target: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def patch_loss_ref(pred, target, mask, norm_pix: bool, eps: float):
-    pred, target = pred.float(), target.float()
+    dtype = compute_dtype(pred.dtype, target.dtype)  # fp32, or float64 for a float64 input
+    pred, target = pred.to(dtype), target.to(dtype)
     if norm_pix:
         target = normalize_patches(target, eps)
     per_patch = ((pred - target) ** 2).mean(dim=-1)
-    weight = mask.float()
+    weight = mask.to(dtype)
     # a mask with no masked patch (mask_ratio 0) gives loss 0, not 0/0
     loss = (per_patch * weight).sum() / weight.sum().clamp_min(1.0)
     return loss, per_patch
@@ -227,28 +229,14 @@ def patch_loss_bwd(diff, mask, grad_loss, count, grad_per_patch):
 # Autograd binding, as custom ops so that torch.compile treats them as opaque nodes.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::patch_loss_triton", mutates_args=())
-def _patch_loss_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool, eps: float,
-                   store_diff: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return patch_loss_fwd(pred, target, mask, norm_pix, eps, store_diff)
-
-
-@_patch_loss_op.register_fake
-def _(pred, target, mask, norm_pix, eps, store_diff):
+def _fake(pred, target, mask, norm_pix, eps, store_diff):
     batch, num_patches, _ = pred.shape
     scalar = pred.new_empty((), dtype=torch.float32)
     diff = pred.new_empty(pred.shape if store_diff else (0,))
     return scalar, pred.new_empty(batch, num_patches, dtype=torch.float32), diff, torch.empty_like(scalar)
 
 
-@torch.library.custom_op("kernels::patch_loss_triton_bwd", mutates_args=())
-def _patch_loss_bwd_op(diff: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor | None, count: torch.Tensor,
-                       grad_per_patch: torch.Tensor | None) -> torch.Tensor:
-    return patch_loss_bwd(diff, mask, grad_loss, count, grad_per_patch)
-
-
-@_patch_loss_bwd_op.register_fake
-def _(diff, mask, grad_loss, count, grad_per_patch):
+def _grad_fake(diff, mask, grad_loss, count, grad_per_patch):
     return torch.empty_like(diff)
 
 
@@ -262,15 +250,30 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)   # an unused per_patch then gives None: no zeros to read
 
 
-def _backward(ctx, grad_loss, grad_per_patch, _grad_diff, _grad_count):
+def _backward(grad_op, ctx, grad_loss, grad_per_patch, _grad_diff, _grad_count):
     diff, mask, count = ctx.saved_tensors
     if grad_loss is None and grad_per_patch is None:
         return None, None, None, None, None, None
-    grad_pred = _patch_loss_bwd_op(diff, mask, grad_loss, count, grad_per_patch)
-    return grad_pred, None, None, None, None, None
+    return grad_op(diff, mask, grad_loss, count, grad_per_patch), None, None, None, None, None
 
 
-_patch_loss_op.register_autograd(_backward, setup_context=_setup_context)
+def _bind(name: str, forward, grad):
+    """sslpt::<name> (loss, per_patch, diff, count) and sslpt::<name>_bwd (grad of pred from diff)."""
+    return define_with_grad(name, forward, grad, fake=_fake, grad_fake=_grad_fake, backward=_backward,
+                            setup_context=_setup_context)
+
+
+def _triton_fwd(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool, eps: float,
+                store_diff: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return patch_loss_fwd(pred, target, mask, norm_pix, eps, store_diff)
+
+
+def _triton_bwd(diff: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor | None, count: torch.Tensor,
+                grad_per_patch: torch.Tensor | None) -> torch.Tensor:
+    return patch_loss_bwd(diff, mask, grad_loss, count, grad_per_patch)
+
+
+_patch_loss_op, _patch_loss_bwd_op = _bind("patch_loss_triton", _triton_fwd, _triton_bwd)
 
 
 def patch_loss_triton(pred, target, mask, norm_pix: bool, eps: float):
@@ -281,12 +284,11 @@ def patch_loss_triton(pred, target, mask, norm_pix: bool, eps: float):
 
 # ---------------------------------------------------------------------------------------------
 # CUDA (csrc/patch_loss.cu): the same split (forward stores diff, backward rescales it), one warp per
-# patch, 4-wide loads, deterministic partial sums. Reuses the Triton binding's setup_context.
+# patch, 4-wide loads, deterministic partial sums. Shares the Triton binding's fakes, setup_context and backward.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::patch_loss_cuda", mutates_args=())
-def _patch_loss_cuda_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool, eps: float,
-                        store_diff: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cuda_fwd(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool, eps: float,
+              store_diff: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     pred, target = _cuda.unit_last(pred), _cuda.unit_last(target)
     batch, num_patches, _ = pred.shape
     per_patch = torch.empty(batch, num_patches, device=pred.device, dtype=torch.float32)
@@ -298,17 +300,8 @@ def _patch_loss_cuda_op(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return loss, per_patch, diff, count
 
 
-@_patch_loss_cuda_op.register_fake
-def _(pred, target, mask, norm_pix, eps, store_diff):
-    batch, num_patches, _ = pred.shape
-    scalar = pred.new_empty((), dtype=torch.float32)
-    diff = pred.new_empty(pred.shape if store_diff else (0,))
-    return scalar, pred.new_empty(batch, num_patches, dtype=torch.float32), diff, torch.empty_like(scalar)
-
-
-@torch.library.custom_op("kernels::patch_loss_cuda_bwd", mutates_args=())
-def _patch_loss_cuda_bwd_op(diff: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor | None,
-                            count: torch.Tensor, grad_per_patch: torch.Tensor | None) -> torch.Tensor:
+def _cuda_bwd(diff: torch.Tensor, mask: torch.Tensor, grad_loss: torch.Tensor | None, count: torch.Tensor,
+              grad_per_patch: torch.Tensor | None) -> torch.Tensor:
     grad_pred = torch.empty_like(diff)
     _cuda.load().patch_loss_bwd(diff, mask, None if grad_loss is None else grad_loss.float(), count,
                                 None if grad_per_patch is None else grad_per_patch.float().contiguous(), grad_pred,
@@ -316,19 +309,7 @@ def _patch_loss_cuda_bwd_op(diff: torch.Tensor, mask: torch.Tensor, grad_loss: t
     return grad_pred
 
 
-@_patch_loss_cuda_bwd_op.register_fake
-def _(diff, mask, grad_loss, count, grad_per_patch):
-    return torch.empty_like(diff)
-
-
-def _cuda_backward(ctx, grad_loss, grad_per_patch, _grad_diff, _grad_count):
-    diff, mask, count = ctx.saved_tensors
-    if grad_loss is None and grad_per_patch is None:
-        return None, None, None, None, None, None
-    return _patch_loss_cuda_bwd_op(diff, mask, grad_loss, count, grad_per_patch), None, None, None, None, None
-
-
-_patch_loss_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+_patch_loss_cuda_op, _patch_loss_cuda_bwd_op = _bind("patch_loss_cuda", _cuda_fwd, _cuda_bwd)
 
 
 def patch_loss_cuda(pred, target, mask, norm_pix: bool, eps: float):
@@ -337,7 +318,12 @@ def patch_loss_cuda(pred, target, mask, norm_pix: bool, eps: float):
     return loss, per_patch
 
 
-_IMPLS = {"reference": patch_loss_ref, "triton": patch_loss_triton, "cuda": patch_loss_cuda}
+_OP = define_op(
+    "patch_loss",
+    reference=Impl(patch_loss_ref),
+    triton=Impl(patch_loss_triton, lambda device, pred, target, *_: triton_reason(device, pred, target)),
+    cuda=Impl(patch_loss_cuda, lambda device, pred, target, *_: cuda_reason(device, pred, target)),
+)
 
 
 def patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True,
@@ -349,8 +335,18 @@ def patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
         target: [B, L, P] target patches (``patchify(imgs, p)``); never receives gradient.
         mask: [B, L] bool or float, True/1 = masked (counted in the loss); never receives gradient.
         norm_pix: normalise each target patch by its own mean and unbiased variance.
+        eps: added to the variance inside the square root (norm_pix).
+        backend: "auto" | "reference" | "triton" | "cuda" (None: the process default, ``set_backend``).
     Returns:
-        (loss, per_patch): a scalar and [B, L], both fp32.
+        (loss, per_patch): a scalar and [B, L], both fp32 (float64 where pred or target is float64).
+
+    Backends: reference (fp32 torch ops; keeps fp32 copies of pred and target and the squared errors alive
+    for autograd); triton and cuda (one pass over pred and target; the forward stores y - t_hat in pred's
+    dtype when pred requires grad, and the backward only rescales it; deterministic partial sums).
+    Dtypes: pred and target float32, float16 or bfloat16, independently (e.g. bf16 pred, fp32 target), fp32
+    accumulation; float64 on the reference only. mask bool or any of those float dtypes.
+    Limits: P >= 2 with norm_pix; any P otherwise (the kernels hold a patch of up to 8192 values in registers and
+    stream wider ones in chunks of 4096).
     """
     check_tensor("pred", pred, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("target", target, dtypes=FLOAT_DTYPES, device=pred.device)
@@ -362,5 +358,4 @@ def patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
                          f"pred has P={pred.shape[-1]}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    impl = dispatch("patch_loss", backend, pred.device, _IMPLS)
-    return impl(pred, target.detach(), mask.detach(), bool(norm_pix), float(eps))
+    return _OP(backend, pred.device, pred, target.detach(), mask.detach(), bool(norm_pix), float(eps))

@@ -17,7 +17,10 @@ def _check_patch_size(patch_size: int) -> int:
 
 
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """[N, C, H, W] -> [N, L, p*p*C] with L = (H/p)*(W/p), patches in raster order."""
+    """[N, C, H, W] -> [N, L, p*p*C] with L = (H/p)*(W/p), patches in raster order.
+
+    Backends: none (a reshape and a permute, then one copy); any dtype and device. Limits: p divides H and W.
+    """
     check_tensor("imgs", imgs, ndim=4)
     p = _check_patch_size(patch_size)
     n, c, height, width = imgs.shape
@@ -34,6 +37,7 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int,
     """[N, L, p*p*C] -> [N, C, H, W]; the inverse of ``patchify``.
 
     ``grid`` = (patch rows, patch columns); defaults to a square grid.
+    Backends: none (a reshape and a permute, then one copy); any dtype and device.
     """
     check_tensor("x", x, ndim=3)
     p = _check_patch_size(patch_size)

@@ -15,25 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from . import _cuda
-from ._backend import dispatch
+from ._backend import Impl, cuda_reason, define_op, triton_reason
+from ._custom_op import define
 from ._triton import tl, triton
-from ._validate import FLOAT_DTYPES, check_shape, check_tensor
+from ._validate import FLOAT_DTYPES, check_shape, check_tensor, compute_dtype
 
 _OFFICIAL_EPS = 1e-6
 
 
 def relative_loss_ref(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool) -> torch.Tensor:
-    p = pred_score.float()
-    t = true_loss.detach().float()
-    z = p.unsqueeze(1) - p.unsqueeze(2)               # z[b, j, k] = p_k - p_j
-    pos = (t.unsqueeze(1) > t.unsqueeze(2)).float()   # t_k > t_j
-    neg = (t.unsqueeze(1) < t.unsqueeze(2)).float()
+    p = pred_score.to(compute_dtype(pred_score.dtype))  # fp32, or float64 for float64 scores
+    t = true_loss.detach().to(compute_dtype(true_loss.dtype))
+    pos = t.unsqueeze(1) > t.unsqueeze(2)     # t_k > t_j
+    neg = t.unsqueeze(1) < t.unsqueeze(2)
+    # select, never multiply by 0: an excluded pair (a tie, j == k) contributes exactly 0, and no gradient,
+    # even where its z is nan (inf - inf for an infinite score), as in the kernels
+    z = torch.where(pos | neg, p.unsqueeze(1) - p.unsqueeze(2), 0.0)   # z[b, j, k] = p_k - p_j
     if stable:
-        terms = pos * F.softplus(-z) + neg * F.softplus(z)
+        terms = torch.where(pos, F.softplus(-z), torch.where(neg, F.softplus(z), 0.0))
     else:
         s = torch.sigmoid(z)
-        terms = -pos * torch.log(s + _OFFICIAL_EPS) - neg * torch.log(1 - s + _OFFICIAL_EPS)
-    return terms.sum() / (pos + neg).sum().clamp_min(1.0)
+        terms = torch.where(pos, -torch.log(s + _OFFICIAL_EPS),
+                            torch.where(neg, -torch.log(1 - s + _OFFICIAL_EPS), 0.0))
+    count = (pos | neg).sum().to(p.dtype)
+    return terms.sum() / count.clamp_min(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,14 +155,7 @@ def relative_loss_fwd(pred_score: torch.Tensor, true_loss: torch.Tensor, stable:
 # Autograd binding, as a custom op so that torch.compile treats it as an opaque node.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::relative_loss_triton", mutates_args=())
-def _relative_loss_op(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool,
-                      store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return relative_loss_fwd(pred_score, true_loss, stable, store_grad)
-
-
-@_relative_loss_op.register_fake
-def _(pred_score, true_loss, stable, store_grad):
+def _fake(pred_score, true_loss, stable, store_grad):
     scalar = pred_score.new_empty((), dtype=torch.float32)
     grad = pred_score.new_empty(pred_score.shape if store_grad else (0,), dtype=torch.float32)
     return scalar, grad, torch.empty_like(scalar)
@@ -182,7 +180,13 @@ def _backward(ctx, grad_loss, _grad_g, _grad_count):
     return (grad * (grad_loss / count)).to(ctx.score_dtype), None, None, None
 
 
-_relative_loss_op.register_autograd(_backward, setup_context=_setup_context)
+def _triton_fwd(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool,
+                store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return relative_loss_fwd(pred_score, true_loss, stable, store_grad)
+
+
+_relative_loss_op = define("relative_loss_triton", _triton_fwd, fake=_fake, backward=_backward,
+                           setup_context=_setup_context)
 
 
 def relative_loss_triton(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool) -> torch.Tensor:
@@ -195,9 +199,8 @@ def relative_loss_triton(pred_score: torch.Tensor, true_loss: torch.Tensor, stab
 # the backward is the Triton binding's (an O(B M) torch op), so setup_context and backward are shared.
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::relative_loss_cuda", mutates_args=())
-def _relative_loss_cuda_op(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool,
-                           store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _cuda_fwd(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool,
+              store_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     device = pred_score.device
     grad = torch.empty(pred_score.shape if store_grad else (0,), device=device, dtype=torch.float32)
     loss = torch.empty((), device=device, dtype=torch.float32)
@@ -207,14 +210,8 @@ def _relative_loss_cuda_op(pred_score: torch.Tensor, true_loss: torch.Tensor, st
     return loss, grad, count
 
 
-@_relative_loss_cuda_op.register_fake
-def _(pred_score, true_loss, stable, store_grad):
-    scalar = pred_score.new_empty((), dtype=torch.float32)
-    grad = pred_score.new_empty(pred_score.shape if store_grad else (0,), dtype=torch.float32)
-    return scalar, grad, torch.empty_like(scalar)
-
-
-_relative_loss_cuda_op.register_autograd(_backward, setup_context=_setup_context)
+_relative_loss_cuda_op = define("relative_loss_cuda", _cuda_fwd, fake=_fake, backward=_backward,
+                                setup_context=_setup_context)
 
 
 def relative_loss_cuda(pred_score: torch.Tensor, true_loss: torch.Tensor, stable: bool) -> torch.Tensor:
@@ -222,7 +219,12 @@ def relative_loss_cuda(pred_score: torch.Tensor, true_loss: torch.Tensor, stable
     return _relative_loss_cuda_op(pred_score, true_loss, stable, store_grad)[0]
 
 
-_IMPLS = {"reference": relative_loss_ref, "triton": relative_loss_triton, "cuda": relative_loss_cuda}
+_OP = define_op(
+    "relative_loss",
+    reference=Impl(relative_loss_ref),
+    triton=Impl(relative_loss_triton, lambda device, score, true, stable: triton_reason(device, score, true)),
+    cuda=Impl(relative_loss_cuda, lambda device, score, true, stable: cuda_reason(device, score, true)),
+)
 
 
 def relative_loss(pred_score: torch.Tensor, true_loss: torch.Tensor, *, stable: bool = True,
@@ -234,11 +236,22 @@ def relative_loss(pred_score: torch.Tensor, true_loss: torch.Tensor, *, stable: 
         true_loss: [B, M] their reconstruction losses; treated as a constant.
         stable: softplus (BCE-with-logits) form; False reproduces the official code's
             ``log(sigmoid + 1e-6)``, which saturates for badly mis-ordered pairs.
+        backend: "auto" | "reference" | "triton" | "cuda" (None: the process default, ``set_backend``).
     Returns:
-        fp32 scalar; 0 when no pair has distinct true losses.
+        fp32 scalar (float64 for float64 scores); 0 when no pair has distinct true losses.
+
+    Non-finite scores follow IEEE arithmetic on each counted pair, the same on every backend: a pair that
+    an infinite score mis-orders costs +inf (stable) or -log(1e-6) (official); two equal infinite scores
+    in one image, or a nan score, give nan. Ties and j == k are excluded exactly (they contribute 0 and no
+    gradient even where their z is nan).
+
+    Backends: reference (materialises [B, M, M] pair tensors); triton and cuda (pair tiles in registers only,
+    O(B M) memory; the forward also writes the [B, M] fp32 gradient, so the backward is elementwise).
+    Dtypes: float32, float16, bfloat16 (compared and summed in fp32); float64 on the reference only.
+    Limits: none beyond memory; the kernels visit all M x M ordered pairs (twice the pair work of one
+    triangle, in exchange for a deterministic, atomic-free gradient).
     """
     check_tensor("pred_score", pred_score, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("true_loss", true_loss, dtypes=FLOAT_DTYPES, device=pred_score.device)
     check_shape("true_loss", true_loss, pred_score.shape)
-    impl = dispatch("relative_loss", backend, pred_score.device, _IMPLS)
-    return impl(pred_score, true_loss.detach(), bool(stable))
+    return _OP(backend, pred_score.device, pred_score, true_loss.detach(), bool(stable))

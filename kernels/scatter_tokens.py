@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from . import _cuda
-from ._backend import dispatch
+from ._backend import Impl, cuda_reason, define_op, triton_reason
+from ._custom_op import define_with_grad
 from ._triton import tl, triton
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_indices, check_shape, check_tensor
 
@@ -141,31 +142,13 @@ def _scatter_tokens_bwd(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[tor
     return dx_vis, partial.sum(0)
 
 
-# --- autograd binding -----------------------------------------------------------------------
+# --- autograd binding (the Triton and the CUDA ops share fakes, setup_context and backward) -------------
 
-@torch.library.custom_op("kernels::scatter_tokens_triton", mutates_args=())
-def _scatter_tokens_op(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
-                       fill: torch.Tensor) -> torch.Tensor:
-    inverse = inverse_positions(ids_keep, num_patches)
-    return scatter_rows(x_vis, inverse, fill.to(x_vis.dtype).contiguous())
-
-
-@_scatter_tokens_op.register_fake
-def _(x_vis, ids_keep, num_patches, fill):
+def _fake(x_vis, ids_keep, num_patches, fill):
     return x_vis.new_empty((x_vis.shape[0], num_patches, x_vis.shape[2]))
 
 
-@torch.library.custom_op("kernels::scatter_tokens_triton_bwd", mutates_args=())
-def _scatter_tokens_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx_vis [B, K, D] in dout's dtype, dfill [D] in fp32)."""
-    if dout.numel() == 0:
-        return (dout.new_zeros((dout.shape[0], ids_keep.shape[1], dout.shape[2])),
-                dout.new_zeros(dout.shape[2], dtype=torch.float32))
-    return _scatter_tokens_bwd(dout, ids_keep)
-
-
-@_scatter_tokens_bwd_op.register_fake
-def _(dout, ids_keep):
+def _grad_fake(dout, ids_keep):
     return (dout.new_empty((dout.shape[0], ids_keep.shape[1], dout.shape[2])),
             dout.new_empty((dout.shape[2],), dtype=torch.float32))
 
@@ -176,13 +159,31 @@ def _setup_context(ctx, inputs, output):
     ctx.x_dtype, ctx.fill_dtype = x_vis.dtype, fill.dtype
 
 
-def _backward(ctx, grad):
+def _backward(grad_op, ctx, grad):
     (ids_keep,) = ctx.saved_tensors
-    dx_vis, dfill = _scatter_tokens_bwd_op(grad, ids_keep)
+    dx_vis, dfill = grad_op(grad, ids_keep)
     return dx_vis.to(ctx.x_dtype), None, None, dfill.to(ctx.fill_dtype)
 
 
-_scatter_tokens_op.register_autograd(_backward, setup_context=_setup_context)
+def _bind(name: str, forward, grad):
+    return define_with_grad(name, forward, grad, fake=_fake, grad_fake=_grad_fake, backward=_backward,
+                            setup_context=_setup_context)
+
+
+def _triton_fwd(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, fill: torch.Tensor) -> torch.Tensor:
+    inverse = inverse_positions(ids_keep, num_patches)
+    return scatter_rows(x_vis, inverse, fill.to(x_vis.dtype).contiguous())
+
+
+def _triton_bwd(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx_vis [B, K, D] in dout's dtype, dfill [D] in fp32)."""
+    if dout.numel() == 0:
+        return (dout.new_zeros((dout.shape[0], ids_keep.shape[1], dout.shape[2])),
+                dout.new_zeros(dout.shape[2], dtype=torch.float32))
+    return _scatter_tokens_bwd(dout, ids_keep)
+
+
+_scatter_tokens_op, _scatter_tokens_bwd_op = _bind("scatter_tokens_triton", _triton_fwd, _triton_bwd)
 
 
 def scatter_tokens_triton(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
@@ -198,9 +199,7 @@ def scatter_tokens_triton(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patch
 _CUDA_ROWS_PER_GROUP = 128
 
 
-@torch.library.custom_op("kernels::scatter_tokens_cuda", mutates_args=())
-def _scatter_tokens_cuda_op(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
-                            fill: torch.Tensor) -> torch.Tensor:
+def _cuda_fwd(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, fill: torch.Tensor) -> torch.Tensor:
     x_vis = _cuda.unit_last(x_vis)
     out = _alloc((x_vis.shape[0], num_patches, x_vis.shape[2]), dtype=x_vis.dtype, device=x_vis.device)
     _cuda.load().scatter_rows(x_vis, inverse_positions(ids_keep, num_patches), fill.to(x_vis.dtype).contiguous(),
@@ -208,13 +207,7 @@ def _scatter_tokens_cuda_op(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_pat
     return out
 
 
-@_scatter_tokens_cuda_op.register_fake
-def _(x_vis, ids_keep, num_patches, fill):
-    return x_vis.new_empty((x_vis.shape[0], num_patches, x_vis.shape[2]))
-
-
-@torch.library.custom_op("kernels::scatter_tokens_cuda_bwd", mutates_args=())
-def _scatter_tokens_cuda_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _cuda_bwd(dout: torch.Tensor, ids_keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx_vis [B, K, D] in dout's dtype, dfill [D] in fp32)."""
     batch, num_patches, dim = dout.shape
     if dout.numel() == 0:
@@ -228,19 +221,7 @@ def _scatter_tokens_cuda_bwd_op(dout: torch.Tensor, ids_keep: torch.Tensor) -> t
     return dx_vis, partial.sum(0)
 
 
-@_scatter_tokens_cuda_bwd_op.register_fake
-def _(dout, ids_keep):
-    return (dout.new_empty((dout.shape[0], ids_keep.shape[1], dout.shape[2])),
-            dout.new_empty((dout.shape[2],), dtype=torch.float32))
-
-
-def _cuda_backward(ctx, grad):
-    (ids_keep,) = ctx.saved_tensors
-    dx_vis, dfill = _scatter_tokens_cuda_bwd_op(grad, ids_keep)
-    return dx_vis.to(ctx.x_dtype), None, None, dfill.to(ctx.fill_dtype)
-
-
-_scatter_tokens_cuda_op.register_autograd(_cuda_backward, setup_context=_setup_context)
+_scatter_tokens_cuda_op, _scatter_tokens_cuda_bwd_op = _bind("scatter_tokens_cuda", _cuda_fwd, _cuda_bwd)
 
 
 def scatter_tokens_cuda(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int,
@@ -248,7 +229,12 @@ def scatter_tokens_cuda(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches
     return _scatter_tokens_cuda_op(x_vis, ids_keep, num_patches, fill)
 
 
-_IMPLS = {"reference": scatter_tokens_ref, "triton": scatter_tokens_triton, "cuda": scatter_tokens_cuda}
+_OP = define_op(
+    "scatter_tokens",
+    reference=Impl(scatter_tokens_ref),
+    triton=Impl(scatter_tokens_triton, lambda device, x_vis, ids_keep, n, fill: triton_reason(device, x_vis, fill)),
+    cuda=Impl(scatter_tokens_cuda, lambda device, x_vis, ids_keep, n, fill: cuda_reason(device, x_vis, fill)),
+)
 
 
 def scatter_tokens(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, fill: torch.Tensor,
@@ -257,11 +243,19 @@ def scatter_tokens(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int
 
     Args:
         x_vis: [B, K, D] visible tokens (any strides).
-        ids_keep: [B, K] their positions, distinct within a row, in [0, num_patches).
+        ids_keep: [B, K] their positions, distinct within a row, in [0, num_patches); checked as in
+            ``gather_tokens`` (a repeated position raises ValueError: it would make the output ambiguous).
         num_patches: L, the length of the output.
         fill: [D] (or anything with D elements, e.g. a [1, 1, D] mask token).
+        backend: "auto" | "reference" | "triton" | "cuda" (None: the process default, ``set_backend``).
     Returns:
         [B, L, D] in ``x_vis``'s dtype; differentiable in ``x_vis`` and ``fill``.
+
+    Backends: reference (expand + torch.scatter); triton and cuda (one pass writing every output row once
+    through a [B, L] int32 inverse map; the backward also sums the fill gradient in fp32 per block of rows,
+    deterministic, no atomics).
+    Dtypes: float32, float16, bfloat16 on every backend; float64 on the reference only.
+    Limits: none beyond memory (the [B, L, D] output, a [B, L] int32 map).
     """
     check_tensor("x_vis", x_vis, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("ids_keep", ids_keep, ndim=2, dtypes=INDEX_DTYPES, device=x_vis.device)
@@ -271,6 +265,5 @@ def scatter_tokens(x_vis: torch.Tensor, ids_keep: torch.Tensor, num_patches: int
         raise ValueError(f"fill must have {x_vis.shape[-1]} elements (x_vis's width), got shape {list(fill.shape)}")
     if int(num_patches) != num_patches or num_patches < x_vis.shape[1]:
         raise ValueError(f"num_patches must be an integer >= K={x_vis.shape[1]}, got {num_patches}")
-    check_indices("ids_keep", ids_keep, int(num_patches))
-    impl = dispatch("scatter_tokens", backend, x_vis.device, _IMPLS)
-    return impl(x_vis, ids_keep, int(num_patches), fill.reshape(-1))
+    check_indices("ids_keep", ids_keep, int(num_patches), distinct=True)
+    return _OP(backend, x_vis.device, x_vis, ids_keep, int(num_patches), fill.reshape(-1))

@@ -19,14 +19,16 @@ the dK/dV program is the only one touching each query tile, so it also writes dQ
 the whole backward is one launch.
 """
 import contextlib
+import math
 from typing import Iterator, Optional
 
 import torch
 
 from . import _validate
-from ._backend import dispatch
+from ._backend import Impl, define_op, triton_reason
+from ._custom_op import define_with_grad
 from ._triton import INTERPRET, tl, triton
-from ._validate import FLOAT_DTYPES, check_tensor
+from ._validate import FLOAT_DTYPES, check_tensor, compute_dtype
 
 LOG2E = 1.4426950408889634
 MAX_TRITON_HEAD_DIM = 128
@@ -59,11 +61,13 @@ def _order_visibility(order: torch.Tensor, strict: bool) -> torch.Tensor:
 
 def sparse_attention_ref(q, k, v, *, cu_seqlens=None, max_seqlen=None, order=None, strict=False, scale=None,
                          upcast: bool = True):
-    """Explicit-softmax attention (fp32 unless ``upcast=False``); packed inputs loop over samples."""
+    """Explicit-softmax attention (fp32, float64 for float64 inputs, unless ``upcast=False``: the input dtype);
+    packed inputs loop over samples."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out_dtype = q.dtype
     if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+        dtype = compute_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if cu_seqlens is not None:
         bounds = cu_seqlens.tolist()
         pieces = [_masked_softmax_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
@@ -454,28 +458,24 @@ def _bwd(grad_out, q, k, v, out, lse, cu_seqlens, order, max_seqlen, strict, sca
 # Autograd binding (torch.library, so that torch.compile can trace through it)
 # ----------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("kernels::sparse_attention_fwd_triton", mutates_args=())
-def _sparse_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                             order: Optional[torch.Tensor], max_seqlen: int, strict: bool, scale: float,
-                             block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+            order: Optional[torch.Tensor], max_seqlen: int, strict: bool, scale: float,
+            block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _fwd(q, k, v, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n)
 
 
-@_sparse_attention_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n):
+def _fwd_fake(q, k, v, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n):
     return q.new_empty(q.shape), _row_buffer(q)
 
 
-@torch.library.custom_op("kernels::sparse_attention_bwd_triton", mutates_args=())
-def _sparse_attention_bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             out: torch.Tensor, lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
-                             order: Optional[torch.Tensor], max_seqlen: int, strict: bool, scale: float,
-                             block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+            order: Optional[torch.Tensor], max_seqlen: int, strict: bool, scale: float,
+            block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _bwd(grad_out, q, k, v, out, lse, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n)
 
 
-@_sparse_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n):
+def _bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens, order, max_seqlen, strict, scale, block_m, block_n):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -486,13 +486,15 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (max_seqlen, strict, scale, block_m, block_n)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(grad_op, ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens, order = ctx.saved_tensors
-    dq, dk, dv = _sparse_attention_bwd_op(grad_out, q, k, v, out, lse, cu_seqlens, order, *ctx.params)
+    dq, dk, dv = grad_op(grad_out, q, k, v, out, lse, cu_seqlens, order, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-_sparse_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_sparse_attention_fwd_op, _sparse_attention_bwd_op = define_with_grad(
+    "sparse_attention_fwd_triton", _fwd_op, _bwd_op, fake=_fwd_fake, grad_fake=_bwd_fake, backward=_backward,
+    setup_context=_setup_context, grad_name="sparse_attention_bwd_triton")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -551,7 +553,16 @@ def sparse_attention_triton(q, k, v, *, cu_seqlens=None, max_seqlen=None, order=
     return out
 
 
-_IMPLS = {"reference": sparse_attention_ref, "triton": sparse_attention_triton}
+def triton_supports(device, q, k=None, v=None, **_) -> Optional[str]:
+    """Whether the Triton kernels serve q [.., Dh] on ``device`` (shared with kernels.attention): None, or why not."""
+    why = triton_reason(device, q)
+    if why is None and q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        why = f"head dim {q.shape[-1]} > {MAX_TRITON_HEAD_DIM} (the Triton kernel's limit)"
+    return why
+
+
+_OP = define_op("sparse_attention", reference=Impl(sparse_attention_ref),
+                triton=Impl(sparse_attention_triton, triton_supports))
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: Optional[int], device) -> int:
@@ -593,6 +604,8 @@ def check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale) -> Opt
         raise ValueError("q must have a head dim >= 1")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a python float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float (it multiplies Q K^T), got {scale}")
     if q.dim() == 3:
         if cu_seqlens is None:
             raise ValueError("packed q [T, H, Dh] needs cu_seqlens (and max_seqlen)")
@@ -623,14 +636,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_se
             lowest-ranked token sees nothing: its output is defined as 0 (and it passes no gradient); callers
             that want it to see itself (SemAIM's cls) must give it a non-strict path.
         strict: use < instead of <= in the order mask.
-        scale: multiplies Q K^T; default Dh^-0.5.
-        backend: "auto" | "reference" | "triton" (Triton: head dims up to 128).
+        scale: multiplies Q K^T; default Dh^-0.5. Must be finite (nan or inf raises ValueError).
+        backend: "auto" | "reference" | "triton" (None: the process default, ``set_backend``).
     Returns:
         Attention output with the shape and dtype of ``q``.
+
+    Backends: reference (explicit fp32 softmax: materialises [B, H, N, N] scores; packed samples one at a
+    time); triton (FlashAttention-2-style online softmax: O(N) memory per (sample, head), key tiles that an
+    order mask hides skipped whole; deterministic backward, no atomics). No CUDA-extension kernel.
+    Dtypes: float32, float16, bfloat16 (fp32 softmax); float64 on the reference only.
+    Limits: Triton head dims up to 128 (MAX_TRITON_HEAD_DIM); cu_seqlens int32; ``order`` any real or
+    integer dtype (compared exactly).
     """
     max_seqlen = check_attention_inputs(q, k, v, cu_seqlens, max_seqlen, order, scale)
-    impl = dispatch("sparse_attention", backend, q.device, _IMPLS)
-    if impl is sparse_attention_triton and q.shape[-1] > MAX_TRITON_HEAD_DIM:
-        raise ValueError(f"q has head dim {q.shape[-1]}; the Triton backend supports up to {MAX_TRITON_HEAD_DIM}")
-    return impl(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, order=order, strict=bool(strict),
-                scale=scale)
+    return _OP(backend, q.device, q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, order=order,
+               strict=bool(strict), scale=scale)

@@ -34,7 +34,7 @@ srun --kill-on-bad-exit=1 python -m torch.distributed.run \
     --rdzv-endpoint "$HEAD_NODE:$PORT" \
     --rdzv-id "$SLURM_JOB_ID" \
     --max-restarts 3 \
-    -m engine pretrain "$CONFIG" \
+    -m sslpt pretrain "$CONFIG" \
     --run-dir "$RUN_DIR" --resume auto \
     --set train.parallel=fsdp \
     "$@"

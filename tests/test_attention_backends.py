@@ -1,7 +1,7 @@
 """kernels.attention: every available backend against the fp32 explicit-softmax reference, and the ViT on top.
 
 Dense, order-masked (ties, strict, a rank-minimum cls token) and packed (a sample of length 1 and one of
-length 0) cases, forward and gradients. "ours" runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py);
+length 0) cases, forward and gradients. "triton" runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py);
 FlexAttention has no backward on CPU, so there only its forward is compared; xformers is CUDA-only and not
 installed here, so its cases skip with the reason. Also: clear errors for unknown / unavailable backends,
 auto's choice, and the ViT and config plumbing of ``model.attn_backend``.
@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import ATTENTION_BACKENDS, BackendUnavailable, attention
-from kernels.sparse_attention import sparse_attention_ref
+from sslpt import kernels
+from sslpt.kernels import ATTENTION_BACKENDS, BackendUnavailable, attention
+from sslpt.kernels.sparse_attention import sparse_attention_ref
 
-attention_module = sys.modules["kernels.attention"]  # the package attribute of that name is the function
+attention_module = sys.modules["sslpt.kernels.attention"]  # the package attribute of that name is the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP32_TOL = dict(atol=3e-5, rtol=3e-5)
-BACKENDS = ("ours", "sdpa", "flex", "xformers", "reference", "auto")
+BACKENDS = ("triton", "sdpa", "flex", "xformers", "reference", "auto")
 
 
 def _dense(shape=(2, 3, 13, 16)):
@@ -90,7 +90,7 @@ def test_gradients_match_reference(backend, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("backend", ["ours", "sdpa"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 def test_low_precision_within_twice_the_reference_error(backend, dtype):
     """flash-attention's rule: |backend - fp32 truth| <= 2 |reference in dtype - fp32 truth| + atol."""
     (q, k, v), kw = _order(False, (2, 2, 20, 32))
@@ -106,7 +106,7 @@ def test_low_precision_within_twice_the_reference_error(backend, dtype):
 def test_scale_is_honoured():
     (q, k, v), kw = _order(False)
     want = sparse_attention_ref(q, k, v, scale=0.3, **kw)
-    for backend in ("ours", "sdpa"):
+    for backend in ("triton", "sdpa"):
         torch.testing.assert_close(attention(q, k, v, backend=backend, scale=0.3, **kw), want, **FP32_TOL)
 
 
@@ -114,8 +114,11 @@ def test_scale_is_honoured():
 
 def test_unknown_backend_names_the_argument():
     (q, k, v), _ = _dense()
-    with pytest.raises(ValueError, match=r"backend must be one of .*got 'triton'"):
-        attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'fa3'"):
+        attention(q, k, v, backend="fa3")
+    with pytest.raises(BackendUnavailable, match=r"attention: backend='cuda' cannot serve this call: attention has "
+                                                 r"no 'cuda' implementation"):
+        attention(q, k, v, backend="cuda")  # a backend of other ops: the dispatch rule's error, not a typo
 
 
 def test_bad_inputs_name_the_argument():
@@ -144,17 +147,19 @@ def test_broken_xformers_install_is_a_clear_error(monkeypatch):
         attention(q, k, v, backend="xformers")
 
 
-def test_ours_without_triton_says_why(monkeypatch):
-    monkeypatch.setattr(attention_module, "triton_usable", lambda device: (False, "no Triton for this test"))
+def test_triton_without_triton_says_why(monkeypatch):
+    from sslpt.kernels import _backend
+
+    monkeypatch.setattr(_backend, "triton_usable", lambda device: (False, "no Triton for this test"))
     (q, k, v), _ = _dense()
-    with pytest.raises(BackendUnavailable, match="backend='ours'.*no Triton for this test"):
-        attention(q, k, v, backend="ours")
+    with pytest.raises(BackendUnavailable, match="backend='triton'.*no Triton for this test"):
+        attention(q, k, v, backend="triton")
 
 
-def test_ours_head_dim_limit_is_a_clear_error():
+def test_triton_head_dim_limit_is_a_clear_error():
     q = torch.randn(1, 1, 4, 144, device=DEVICE)
     with pytest.raises(BackendUnavailable, match="head dim 144"):
-        attention(q, q, q, backend="ours")
+        attention(q, q, q, backend="triton")
     attention(q, q, q, backend="sdpa")  # SDPA takes it
 
 
@@ -175,21 +180,21 @@ def test_flex_backward_on_cpu_is_a_clear_error():
 
 def test_auto_on_cpu_is_sdpa(monkeypatch):
     calls = []
-    impls = dict(attention_module._IMPLS)
-    monkeypatch.setitem(attention_module._IMPLS, "sdpa", lambda *a, **k: calls.append(1) or impls["sdpa"](*a, **k))
+    sdpa = attention_module._OP.impls["sdpa"]
+    monkeypatch.setattr(sdpa, "fn", lambda *a, _fn=sdpa.fn, **k: calls.append(1) or _fn(*a, **k))
     (q, k, v), kw = _packed()
     attention(q.cpu(), k.cpu(), v.cpu(), cu_seqlens=kw["cu_seqlens"].cpu())
     assert calls == [1]
 
 
 def test_auto_picks_the_fastest_and_skips_failures():
-    times = {"ours": 2.0, "sdpa": 1.0, "xformers": 1.0}
+    times = {"triton": 2.0, "sdpa": 1.0, "xformers": 1.0}
 
     def time_one(name):
         if name == "broken":
             raise RuntimeError("cannot run")
         return times[name]
-    assert attention_module._pick_fastest(["broken", "ours", "sdpa", "xformers"], time_one) == "sdpa"  # tie: first
+    assert attention_module._pick_fastest(["broken", "triton", "sdpa", "xformers"], time_one) == "sdpa"  # tie: first
     assert attention_module._pick_fastest(["broken"], time_one) is None
 
 
@@ -199,20 +204,20 @@ def test_auto_measures_once_per_case_and_caches(monkeypatch):
 
     def fake_time(name, q, k, v, kwargs, needs_grad):
         timed.append(name)
-        return {"ours": 3.0, "sdpa": 2.0, "xformers": 1.0}[name]
+        return {"triton": 3.0, "sdpa": 2.0, "xformers": 1.0}[name]
     monkeypatch.setattr(attention_module, "_time_backend", fake_time)
     monkeypatch.setattr(attention_module, "_auto_cache", {})
     monkeypatch.setattr(attention_module.importlib.util, "find_spec", lambda name: None)  # no xformers
     (q, k, v), _ = _dense()
     kwargs = dict(cu_seqlens=None, max_seqlen=None, order=None, strict=False, scale=None)
     choose = attention_module._measured_choice
-    assert choose(q, k, v, kwargs, measurable=False) == "ours"  # the table, nothing measured or cached
+    assert choose(q, k, v, kwargs, measurable=False) == "triton"  # the table, nothing measured or cached
     assert timed == [] and attention_module.auto_choices() == {}
     assert choose(q, k, v, kwargs, measurable=True) == "sdpa"
-    assert timed == ["ours", "sdpa"]
+    assert timed == ["triton", "sdpa"]
     assert choose(q, k, v, kwargs, measurable=False) == "sdpa"  # cached: same answer while compiling
     assert choose(q[:, :, :11], k[:, :, :11], v[:, :, :11], kwargs, measurable=True) == "sdpa"  # same bucket
-    assert timed == ["ours", "sdpa"] and len(attention_module.auto_choices()) == 1
+    assert timed == ["triton", "sdpa"] and len(attention_module.auto_choices()) == 1
 
 
 def test_auto_key_buckets_shapes():
@@ -237,7 +242,7 @@ def test_xformers_order_bias_is_aligned_and_right():
 # ---- the ViT and its config ------------------------------------------------------------------------------------
 
 def _vit(backend):
-    from engine.models.vit import VisionTransformer
+    from sslpt.engine.models.vit import VisionTransformer
 
     torch.manual_seed(3)
     return VisionTransformer(img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2,
@@ -248,21 +253,21 @@ def test_vit_forward_and_gradients_agree_across_backends():
     imgs = torch.randn(3, 1, 8, 8, device=DEVICE)
     ids_keep = torch.stack([torch.randperm(16, device=DEVICE)[:5] for _ in range(3)])
     results = {}
-    for backend in ("sdpa", "auto", "ours", "reference"):
+    for backend in ("sdpa", "auto", "triton", "reference"):
         model = _vit(backend)
         out = model(imgs, ids_keep)
         out.square().sum().backward()
         results[backend] = (out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     if DEVICE == "cpu":  # auto is SDPA there: training on CPU gives the same numbers as before the backends
         assert torch.equal(results["auto"][0], results["sdpa"][0])
-    for backend in ("ours", "reference"):
+    for backend in ("triton", "reference"):
         torch.testing.assert_close(results[backend][0], results["sdpa"][0], **FP32_TOL)
         for name, grad in results["sdpa"][1].items():
             torch.testing.assert_close(results[backend][1][name], grad, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_attention_module_masks_pass_through():
-    from engine.models.vit import Block
+    from sslpt.engine.models.vit import Block
 
     torch.manual_seed(0)
     block = Block(32, 2, attn_backend="sdpa").to(DEVICE)
@@ -285,18 +290,18 @@ def test_attention_module_masks_pass_through():
 
 
 def test_config_field_reaches_every_attention_layer():
-    from engine.config import ConfigError, load_config
-    from engine.models.mae import MaskedAutoencoder
-    from engine.models.vit import Attention
+    from sslpt.engine.config import ConfigError, load_config
+    from sslpt.engine.models.mae import MaskedAutoencoder
+    from sslpt.engine.models.vit import Attention
 
     tiny = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.decoder_dim=16",
             "model.decoder_depth=1", "model.decoder_heads=2"]
     cfg = load_config("hpm_digits", tiny)
     assert cfg.model.attn_backend == "auto"
-    cfg = load_config("hpm_digits", tiny + ["model.attn_backend=ours"])
+    cfg = load_config("hpm_digits", tiny + ["model.attn_backend=triton"])
     model = MaskedAutoencoder(cfg.model, loss_predictor=True)
     layers = [m for m in model.modules() if isinstance(m, Attention)]
-    assert len(layers) == 3 and all(m.backend == "ours" for m in layers)
+    assert len(layers) == 3 and all(m.backend == "triton" for m in layers)
     with pytest.raises(ConfigError, match=r"model.attn_backend must be one of .*got 'fa3'"):
         load_config("hpm_digits", tiny + ["model.attn_backend=fa3"])
     with pytest.raises(ValueError, match="attn_backend must be one of"):

@@ -1,4 +1,4 @@
-"""What the user runs: the CLI (`python -m engine ...`) and the README's commands."""
+"""What the user runs: the CLI (`python -m sslpt ...`) and the README's commands."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
+from sslpt.engine.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "model.embed_dim=32", "--set", "model.depth=2", "--set", "model.num_heads=2",

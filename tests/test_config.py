@@ -1,6 +1,6 @@
 import pytest
 
-from engine.config import CONFIG_DIR, Config, ConfigError, load_config, to_toml
+from sslpt.engine.config import CONFIG_DIR, Config, ConfigError, load_config, to_toml
 
 
 def test_every_preset_loads_and_validates():
@@ -23,7 +23,7 @@ def test_hpm_vit_base_preset_is_the_paper_recipe():
 
 def test_overrides_are_typed():
     cfg = load_config("hpm_digits", ["train.epochs=3", "optim.blr=1e-3", "data.crop_scale=[0.5, 1.0]",
-                                      "objective.norm_pix=true", "train.run_name=abc"])
+                                      "objective.hpm.norm_pix=true", "train.run_name=abc"])
     assert cfg.train.epochs == 3 and cfg.optim.blr == 1e-3 and cfg.data.crop_scale == (0.5, 1.0)
     assert cfg.objective.norm_pix is True and cfg.train.run_name == "abc"
 
@@ -33,17 +33,17 @@ def test_overrides_are_typed():
     ("trian.epochs=3", "unknown config key trian"),
     ("train.epochs=three", "train.epochs must be an integer"),
     ("train.epochs=2.5", "train.epochs must be an integer"),
-    ("objective.mask_ratio=1.2", "objective.mask_ratio must be in [0, 1)"),
-    ("objective.mask_ratio=0.95", "leaves no visible patch"),
+    ("objective.hpm.mask_ratio=1.2", "objective.hpm.mask_ratio must be in [0, 1)"),
+    ("objective.hpm.mask_ratio=0.95", "leaves no visible patch"),
     ("model.patch_size=3", "model.patch_size=3 must divide model.img_size=8"),
-    ("objective.alpha_T=1.5", "objective.alpha_T must be in [0, 1]"),
-    ("train.precision=fp8", "train.precision must be bf16, fp16 or fp32"),
+    ("objective.hpm.alpha_T=1.5", "objective.hpm.alpha_T must be in [0, 1]"),
+    ("train.precision=fp8", "train.precision must be one of 'bf16', 'fp16', 'fp32'; got 'fp8'"),
     ("objective.name=byol", "objective.name must be one of"),
     ("data.name=cifar", "data.name must be one of"),
     ("data.crop_scale=[0.9, 0.1]", "data.crop_scale"),
     ("train.backend=fast", "train.backend must be one of"),
     ("train.probe_shots=-1", "train.probe_shots must be >= 0"),
-    ("objective.norm_pix=1", "objective.norm_pix must be true or false"),
+    ("objective.hpm.norm_pix=1", "objective.hpm.norm_pix must be true or false"),
     ("epochs=3", "unknown config key epochs"),
     ("train.epochs", "must look like section.key=value"),
 ])

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kernels.info_nce import info_nce
-from kernels.nt_xent import nt_xent
+from sslpt.kernels.info_nce import info_nce
+from sslpt.kernels.nt_xent import nt_xent
 
 WORLD = 2
 N, D_IN, D = 12, 8, 16

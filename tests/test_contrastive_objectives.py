@@ -6,24 +6,31 @@ import shutil
 import pytest
 import torch
 
-import kernels
-from engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from engine.config import ConfigError, load_config
-from engine.data.views import ViewAugment, augment_view, batch_pixel_range, two_views
-from engine.models.heads import mlp_head
-from engine.objectives import StepContext, build_objective
-from engine.objectives.mocov3 import moco_momentum
-from engine.train import pretrain
+from sslpt import kernels
+from sslpt.engine.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from sslpt.engine.config import ConfigError, load_config
+from sslpt.engine.data.views import ViewAugment, augment_view, batch_pixel_range, two_views
+from sslpt.engine.models.heads import mlp_head
+from sslpt.engine.objectives import StepContext, build_objective
+from sslpt.engine.objectives.mocov3 import moco_momentum
+from sslpt.engine.train import pretrain
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
-        "model.decoder_heads=2", "objective.proj_hidden=64", "objective.proj_dim=16", "objective.pred_hidden=64",
+        "model.decoder_heads=2", "objective.{name}.proj_hidden=64", "objective.{name}.proj_dim=16",
         "train.batch_size=64", "train.log_every=4", "data.synthetic_size=256", "train.probe=false",
         "train.eval_every=0", "data.name=synthetic"]
 OBJECTIVES = ["simclr", "mocov3"]
 
 
 def tiny_cfg(objective, *extra):
-    return load_config(f"{objective}_digits", TINY + list(extra))
+    sets = [s.format(name=objective) for s in TINY + list(extra)]
+    if objective == "mocov3":
+        sets.append("objective.mocov3.pred_hidden=64")
+    return load_config(f"{objective}_digits", sets)
+
+
+def ctx(epoch=0, step=0, seed=0, steps_per_epoch=4, epochs=20):
+    return StepContext(epoch=epoch, step=step, steps_per_epoch=steps_per_epoch, epochs=epochs, generator=gen(seed))
 
 
 def gen(seed):
@@ -97,9 +104,9 @@ def test_mlp_head_layout():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_forward_shapes_and_metrics(objective, pooling):
-    obj = build_objective(tiny_cfg(objective, f"objective.pooling={pooling}"))
+    obj = build_objective(tiny_cfg(objective, f"objective.{{name}}.pooling={pooling}"))
     imgs = torch.randn(8, 1, 8, 8)
-    loss, metrics = obj(imgs, StepContext(0, 0, gen(0)))
+    loss, metrics = obj(imgs, ctx())
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert {"loss_contrastive", "positive_cos"} <= metrics.keys()
     assert obj.model.features(imgs).shape == (8, 32)
@@ -113,7 +120,7 @@ def test_forward_shapes_and_metrics(objective, pooling):
 
 
 def test_stop_grad_patch_embed_freezes_the_patch_projection():
-    obj = build_objective(tiny_cfg("mocov3", "objective.stop_grad_patch_embed=true"))
+    obj = build_objective(tiny_cfg("mocov3", "objective.mocov3.stop_grad_patch_embed=true"))
     assert not any(p.requires_grad for p in obj.encoder.patch_embed.parameters())
 
 
@@ -126,22 +133,19 @@ def test_momentum_schedule_values():
     assert moco_momentum(30, 100, 0.9, cosine=False) == 0.9
 
 
-def test_momentum_encoder_update_per_iteration_and_per_epoch():
+def test_momentum_encoder_update_per_iteration():
     obj = build_objective(tiny_cfg("mocov3", "train.epochs=10"))
     student = obj.model.projector[0].weight
     teacher = obj.teacher.model.projector[0].weight
     before = teacher.detach().clone()
     with torch.no_grad():
         student.add_(1.0)
-    obj.steps_per_epoch = 4
-    obj(torch.randn(8, 1, 8, 8), StepContext(epoch=2, step=9, generator=gen(0)))   # step 9 = epoch 2, i = 1
-    obj.after_optimizer_step(2)
+    step = ctx(epoch=2, step=9, epochs=10)   # step 9 = epoch 2, i = 1 of 4
+    _, metrics = obj(torch.randn(8, 1, 8, 8), step)
+    assert float(metrics["momentum"]) == pytest.approx(moco_momentum(9 / 4, 10, 0.9))   # this step's keys
+    obj.after_optimizer_step(step)
     m = moco_momentum(10 / 4, 10, 0.9)   # the t of the next step, as the official code
-    assert obj.momentum == pytest.approx(m)
     torch.testing.assert_close(teacher, m * before + (1 - m) * student.detach())
-    obj.steps_per_epoch = None   # the loop did not say: per epoch
-    obj.on_epoch_start(5)
-    assert obj.momentum == pytest.approx(moco_momentum(5, 10, 0.9))
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -195,12 +199,13 @@ def test_triton_and_reference_give_the_same_step(objective):
     for backend in ("reference", "triton"):
         obj.zero_grad(set_to_none=True)
         with kernels.use_backend(backend):
-            loss, _ = obj(imgs, StepContext(0, 0, gen(7)))
+            loss, _ = obj(imgs, ctx(seed=7))
         loss.backward()
         grad = obj.trainable.projector[0].weight.grad.clone()
         results[backend] = (loss.detach(), grad)
     torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-5, rtol=1e-4)
+    # the encoder's attention runs Triton too (the process default reaches it): fp32 online-softmax noise
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=3e-5, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -211,19 +216,19 @@ def test_presets_load(objective):
 
 
 @pytest.mark.parametrize("override, field", [
-    ("objective.temperature=0", "objective.temperature"),
-    ("objective.pooling=\"max\"", "objective.pooling"),
-    ("objective.proj_dim=0", "objective.proj_dim"),
-    ("objective.pred_hidden=0", "objective.pred_hidden"),
-    ("objective.momentum=1.5", "objective.momentum"),
-    ("objective.view_crop_scale=[0.0, 1.0]", "objective.view_crop_scale"),
-    ("objective.jitter_prob=2", "objective.jitter_prob"),
-    ("objective.jitter=[0.4, 0.4, 0.2, 0.7]", "objective.jitter"),
-    ("objective.jitter=[0.4, 0.4]", "objective.jitter"),
-    ("objective.blur_prob=[1.0, 1.5]", "objective.blur_prob"),
-    ("objective.blur_sigma=[2.0, 1.0]", "objective.blur_sigma"),
-    ("objective.solarize_prob=[-0.1, 0.2]", "objective.solarize_prob"),
-    ("objective.momentum_cosine=1", "objective.momentum_cosine"),
+    ("objective.mocov3.temperature=0", "objective.mocov3.temperature"),
+    ("objective.mocov3.pooling=\"max\"", "objective.mocov3.pooling"),
+    ("objective.mocov3.proj_dim=0", "objective.mocov3.proj_dim"),
+    ("objective.mocov3.pred_hidden=0", "objective.mocov3.pred_hidden"),
+    ("objective.mocov3.momentum=1.5", "objective.mocov3.momentum"),
+    ("objective.mocov3.view_crop_scale=[0.0, 1.0]", "objective.mocov3.view_crop_scale"),
+    ("objective.mocov3.jitter_prob=2", "objective.mocov3.jitter_prob"),
+    ("objective.mocov3.jitter=[0.4, 0.4, 0.2, 0.7]", "objective.mocov3.jitter"),
+    ("objective.mocov3.jitter=[0.4, 0.4]", "objective.mocov3.jitter"),
+    ("objective.mocov3.blur_prob=[1.0, 1.5]", "objective.mocov3.blur_prob"),
+    ("objective.mocov3.blur_sigma=[2.0, 1.0]", "objective.mocov3.blur_sigma"),
+    ("objective.mocov3.solarize_prob=[-0.1, 0.2]", "objective.mocov3.solarize_prob"),
+    ("objective.mocov3.momentum_cosine=1", "objective.mocov3.momentum_cosine"),
 ])
 def test_bad_config_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -1,4 +1,4 @@
-"""The CUDA extension (csrc/, kernels._C): build, registration, argument errors; on a GPU, every kernel
+"""The CUDA extension (csrc/, sslpt.kernels._C): build, registration, argument errors; on a GPU, every kernel
 against the reference (same tolerances as the Triton tests), forward and backward, fp32/fp16/bf16, awkward
 shapes, strided inputs and poisoned outputs.
 
@@ -18,18 +18,18 @@ import pytest
 import torch
 from conftest import TOLERANCES
 
-import kernels
-from kernels import _backend, _cuda
-from kernels.gather_tokens import gather_tokens_ref
-from kernels.hard_patch_masking import top_patches_ref
-from kernels.info_nce import info_nce_ref
-from kernels.patch_loss import patch_loss_ref
-from kernels.relative_loss import relative_loss_ref
-from kernels.scatter_tokens import scatter_tokens_ref
+from sslpt import kernels
+from sslpt.kernels import _backend, _cuda
+from sslpt.kernels.gather_tokens import gather_tokens_ref
+from sslpt.kernels.hard_patch_masking import top_patches_ref
+from sslpt.kernels.info_nce import info_nce_ref
+from sslpt.kernels.patch_loss import patch_loss_ref
+from sslpt.kernels.relative_loss import relative_loss_ref
+from sslpt.kernels.scatter_tokens import scatter_tokens_ref
 
-gather_module = importlib.import_module("kernels.gather_tokens")
-scatter_module = importlib.import_module("kernels.scatter_tokens")
-info_nce_module = importlib.import_module("kernels.info_nce")
+gather_module = importlib.import_module("sslpt.kernels.gather_tokens")
+scatter_module = importlib.import_module("sslpt.kernels.scatter_tokens")
+info_nce_module = importlib.import_module("sslpt.kernels.info_nce")
 
 OPS = ("gather_tokens", "scatter_tokens", "patch_loss", "relative_loss", "hard_patch_masking", "info_nce")
 CUSTOM_OPS = ("gather_tokens_cuda", "gather_tokens_cuda_bwd", "scatter_tokens_cuda", "scatter_tokens_cuda_bwd",
@@ -42,12 +42,12 @@ HAS_GPU = torch.cuda.is_available()
 
 
 def _op_modules():
-    return {op: importlib.import_module(f"kernels.{op}") for op in OPS}
+    return {op: importlib.import_module(f"sslpt.kernels.{op}") for op in OPS}
 
 
 @pytest.fixture(scope="session")
 def extension():
-    """The extension: kernels._C if installed, else built here once (the build time is printed)."""
+    """The extension: sslpt.kernels._C if installed, else built here once (the build time is printed)."""
     installed = _cuda.extension(build=False)
     if installed is not None:
         return installed
@@ -81,9 +81,9 @@ def test_extension_imports_with_every_launcher(extension):
 
 def test_every_op_has_a_registered_cuda_custom_op():
     for name in CUSTOM_OPS:
-        assert hasattr(torch.ops.kernels, name), f"kernels::{name} is not registered"
+        assert hasattr(torch.ops.sslpt, name), f"sslpt::{name} is not registered"
     for op, module in _op_modules().items():
-        assert "cuda" in module._IMPLS, f"{op} has no 'cuda' entry in _IMPLS"
+        assert "cuda" in _backend.OPS[op].impls, f"{op} has no 'cuda' implementation"
         assert op in _backend.CUDA_PREFERRED
 
 
@@ -117,9 +117,9 @@ def test_launchers_reject_cpu_tensors_clearly(extension):
 def test_cuda_custom_ops_on_cpu_tensors_give_the_binding_error(use_extension):
     x, ids = torch.randn(2, 5, 8), torch.tensor([[0, 2], [4, 1]])
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        torch.ops.kernels.gather_tokens_cuda(x, ids)
+        torch.ops.sslpt.gather_tokens_cuda(x, ids)
     with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
-        torch.ops.kernels.top_patches_cuda(torch.randn(3, 16), 4)
+        torch.ops.sslpt.top_patches_cuda(torch.randn(3, 16), 4)
 
 
 @pytest.mark.parametrize("call", [
@@ -139,13 +139,15 @@ def test_auto_keeps_the_cuda_kernels_off_until_measured(monkeypatch):
     assert not any(_backend.CUDA_PREFERRED.values())
     sentinel = object()
     monkeypatch.setattr(_cuda, "_module", sentinel)  # as if the extension were importable
-    impls = {"reference": "ref", "triton": "tri", "cuda": "cu"}
-    assert _backend.dispatch("gather_tokens", "auto", torch.device("cpu"), impls) == "ref"
-    if HAS_GPU:
-        assert _backend.dispatch("gather_tokens", "auto", torch.device("cuda"), impls) == "tri"
+    args = (torch.randn(2, 5, 8), torch.tensor([[0], [3]]))  # the device is given apart: "cuda" is faked
+
+    def chosen(device):
+        return _backend.choose("gather_tokens", "auto", device, *args).name
+    assert chosen("cpu") == "reference"
+    assert chosen("cuda") == "triton"
     monkeypatch.setitem(_backend.CUDA_PREFERRED, "gather_tokens", True)
-    assert _backend.dispatch("gather_tokens", "auto", torch.device("cpu"), impls) == "ref"
-    assert _backend.dispatch("gather_tokens", "auto", torch.device("cuda"), impls) == "cu"
+    assert chosen("cpu") == "reference"
+    assert chosen("cuda") == "cuda"
 
 
 def test_extension_lookup_never_compiles_unasked(monkeypatch):
@@ -363,7 +365,7 @@ def test_gpu_top_patches_same_set_as_reference(on_gpu, poisoned, dtype, length, 
         scores[2, ::5] = float("nan")
         scores[3, ::7] = float("inf")
     scores = scores.to(dtype)
-    got = torch.ops.kernels.top_patches_cuda(scores, k)
+    got = torch.ops.sslpt.top_patches_cuda(scores, k)
     want = top_patches_ref(scores, k)
     assert torch.equal(got, want.sort(1).values)  # the same set, in ascending position order
 
@@ -445,7 +447,7 @@ def _opcheck_cases():
     pred = torch.randn(2, 16, 48, device=CUDA, requires_grad=True)
     score = torch.randn(2, 30, device=CUDA, requires_grad=True)
     q, k = torch.randn(20, 16, device=CUDA, requires_grad=True), torch.randn(20, 16, device=CUDA, requires_grad=True)
-    ops = torch.ops.kernels
+    ops = torch.ops.sslpt
     return [
         (ops.gather_tokens_cuda, (x.requires_grad_(), ids)),
         (ops.scatter_tokens_cuda, (torch.randn(2, 5, 64, device=CUDA, requires_grad=True), ids, 16,

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.data import (ImageFolder, build_eval_data, build_train_data, load_digits, random_resized_crop_batch,
+from sslpt.engine.data import (ImageFolder, build_eval_data, build_train_data, load_digits, random_resized_crop_batch,
                          synthetic_images)
-from engine.data import digits as digits_module
-from engine.data.augment import _fallback_box, sample_crop_boxes
-from engine.data.digits import stratified_split
-from engine.data.folder import MAX_CONSECUTIVE_FAILURES
+from sslpt.engine.data import digits as digits_module
+from sslpt.engine.data.augment import _fallback_box, sample_crop_boxes
+from sslpt.engine.data.digits import stratified_split
+from sslpt.engine.data.folder import MAX_CONSECUTIVE_FAILURES
 
 
 # ----------------------------------------------------------------------------------------------- digits

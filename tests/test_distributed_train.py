@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from engine.config import load_config
-from engine.distributed import DistributedSetupError, init_distributed
-from engine.objectives import build_objective
-from engine.train import Trainer, pretrain
+from sslpt.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from sslpt.engine.config import load_config
+from sslpt.engine.distributed import DistributedSetupError, init_distributed
+from sslpt.engine.objectives import build_objective
+from sslpt.engine.train import Trainer, pretrain
 from test_resume import TINY, _restore_determinism, final_state, kill_and_resume, step_losses  # noqa: F401
 
 FSDP = TINY + ["train.parallel=fsdp", "train.save_every_steps=3"]   # 4 steps per epoch on 2 ranks
@@ -95,7 +95,7 @@ def test_fsdp_mixed_precision_runs(runs, name):
 
 
 def test_sharded_checkpoint_loads_into_one_process(runs):
-    """What `python -m engine probe` does with an FSDP run: DCP gathers the 2 ranks' shards into a plain model."""
+    """What `python -m sslpt probe` does with an FSDP run: DCP gathers the 2 ranks' shards into a plain model."""
     objective = build_objective(load_config("hpm_digits", FSDP))
     assert load_checkpoint(latest_checkpoint(runs / "fsdp"), objective)["next_step"] == 8
     reference = final_state(runs / "fsdp")["model"]

@@ -5,13 +5,13 @@ import pytest
 import torch
 from conftest import TOLERANCES
 
-from kernels import embed_visible_patches
-from kernels._backend import triton_usable
-from kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
-from kernels.gather_tokens import gather_tokens_ref, gather_tokens_triton
-from kernels.scatter_tokens import scatter_tokens_ref, scatter_tokens_triton
+from sslpt.kernels import embed_visible_patches
+from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.embed_visible_patches import embed_visible_patches_ref, embed_visible_patches_triton
+from sslpt.kernels.gather_tokens import gather_tokens_ref, gather_tokens_triton
+from sslpt.kernels.scatter_tokens import scatter_tokens_ref, scatter_tokens_triton
 
-MODULES = [importlib.import_module(f"kernels.{name}")
+MODULES = [importlib.import_module(f"sslpt.kernels.{name}")
            for name in ("embed_visible_patches", "gather_tokens", "scatter_tokens")]
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cpu"))[0] and not torch.cuda.is_available(),
@@ -140,7 +140,7 @@ def test_bad_inputs_raise_clear_errors(bad, error, match):
 def test_custom_ops_pass_opcheck():
     imgs, weight, bias, pos = make_inputs(2, 3, 8, 8, 4, 16, torch.float32)
     ids = random_ids(2, 4, 2)
-    ops = torch.ops.kernels
+    ops = torch.ops.sslpt
     torch.library.opcheck(ops.embed_visible_patches_triton.default, (imgs, ids, weight, bias, pos, 4))
     torch.library.opcheck(ops.embed_visible_patches_triton.default, (imgs, ids, weight, None, pos, 4))
     torch.library.opcheck(ops.embed_visible_patches_triton_patches.default, (imgs.detach(), ids, 4))

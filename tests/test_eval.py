@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import load_digits
-from engine.eval import (extract_features, few_shot_linear_probe, knn_accuracy, linear_probe, rowwise_spearman,
+from sslpt.engine.data import load_digits
+from sslpt.engine.eval import (extract_features, few_shot_linear_probe, knn_accuracy, linear_probe, rowwise_spearman,
                          spearman)
 
 

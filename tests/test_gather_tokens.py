@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import TOLERANCES
 
-from kernels import gather_tokens
-from kernels._backend import triton_usable
-from kernels.gather_tokens import gather_tokens_ref
+from sslpt.kernels import gather_tokens
+from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.gather_tokens import gather_tokens_ref
 
-gather_module = importlib.import_module("kernels.gather_tokens")
-scatter_module = importlib.import_module("kernels.scatter_tokens")
+gather_module = importlib.import_module("sslpt.kernels.gather_tokens")
+scatter_module = importlib.import_module("sslpt.kernels.scatter_tokens")
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cpu"))[0] and not torch.cuda.is_available(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -125,9 +125,9 @@ def test_bad_inputs_raise_clear_errors(bad, error, match):
 def test_custom_ops_pass_opcheck():
     x = torch.randn(2, 9, 24, device=DEVICE, requires_grad=True)
     ids = random_ids(2, 9, 4)
-    torch.library.opcheck(torch.ops.kernels.gather_tokens_triton.default, (x, ids))
+    torch.library.opcheck(torch.ops.sslpt.gather_tokens_triton.default, (x, ids))
     dout = torch.randn(2, 4, 24, device=DEVICE)
-    torch.library.opcheck(torch.ops.kernels.gather_tokens_triton_bwd.default, (dout, ids, 9))
+    torch.library.opcheck(torch.ops.sslpt.gather_tokens_triton_bwd.default, (dout, ids, 9))
 
 
 def test_benchmark_harness_runs_every_provider(monkeypatch):

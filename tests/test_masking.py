@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels import Masking, hard_patch_masking, random_masking
-from kernels.masking import num_visible
+from sslpt.kernels import Masking, hard_patch_masking, random_masking
+from sslpt.kernels.masking import num_visible
 
 # chi-square quantiles far in the tail (p ~ 1e-4), so a fixed seed passes with a wide margin
 CHI2_BOUND = {6: 27.9, 34: 72.0}

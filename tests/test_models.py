@@ -1,11 +1,11 @@
 import numpy as np
 import torch
 
-import kernels
-from engine.config import ModelConfig
-from engine.models.mae import MaskedAutoencoder
-from engine.models.vit import VisionTransformer, sincos_pos_embed
-from engine.optim import lr_at, param_groups
+from sslpt import kernels
+from sslpt.engine.config import ModelConfig
+from sslpt.engine.models.mae import MaskedAutoencoder
+from sslpt.engine.models.vit import VisionTransformer, sincos_pos_embed
+from sslpt.engine.optim import lr_at, param_groups
 
 TINY = ModelConfig(arch="vit_tiny", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=2, num_heads=2,
                    decoder_dim=16, decoder_depth=1, decoder_heads=2)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.info_nce import lse_forward
-from kernels.nt_xent import nt_xent, nt_xent_lse, nt_xent_lse_rows, nt_xent_ref
+from sslpt.kernels.info_nce import lse_forward
+from sslpt.kernels.nt_xent import nt_xent, nt_xent_lse, nt_xent_lse_rows, nt_xent_ref
 
 
 @pytest.fixture

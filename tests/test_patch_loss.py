@@ -5,13 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels import patch_loss, patchify
-from kernels.patch_loss import _patch_loss_op, patch_loss_ref
+from sslpt import kernels
+from sslpt.kernels import patch_loss, patchify
+from sslpt.kernels.patch_loss import _patch_loss_op, patch_loss_ref
 
 from conftest import TOLERANCES
 
-patch_loss_module = importlib.import_module("kernels.patch_loss")   # kernels.patch_loss is the function
+patch_loss_module = importlib.import_module("sslpt.kernels.patch_loss")   # kernels.patch_loss is the function
 
 BACKENDS = ["reference", "triton"]
 
@@ -209,7 +209,7 @@ def test_bad_inputs(backend):
     with pytest.raises(TypeError, match="pred"):
         patch_loss(pred.long(), target, mask, backend=backend)
     with pytest.raises(TypeError, match="target"):
-        patch_loss(pred, target.double(), mask, backend=backend)
+        patch_loss(pred, target.long(), mask, backend=backend)
     with pytest.raises(TypeError, match="mask"):
         patch_loss(pred, target, mask.long(), backend=backend)
     with pytest.raises(ValueError, match="P=1"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels import patchify, unpatchify
+from sslpt.kernels import patchify, unpatchify
 
 
 def test_patchify_is_maes_layout():

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kernels import relative_loss
-from kernels.relative_loss import _relative_loss_op, relative_loss_ref
+from sslpt.kernels import relative_loss
+from sslpt.kernels.relative_loss import _relative_loss_op, relative_loss_ref
 
 from conftest import TOLERANCES
 
@@ -203,4 +203,4 @@ def test_bad_inputs(backend):
     with pytest.raises(TypeError, match="pred_score"):
         relative_loss(p.long(), t, backend=backend)
     with pytest.raises(TypeError, match="true_loss"):
-        relative_loss(p, t.double(), backend=backend)
+        relative_loss(p, t.long(), backend=backend)

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.checkpoint import (COMMIT, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
+from sslpt.engine.checkpoint import (COMMIT, CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
                                purge)
-from engine.config import load_config
-from engine.objectives import build_objective
-from engine.train import Trainer, pretrain
+from sslpt.engine.config import load_config
+from sslpt.engine.objectives import build_objective
+from sslpt.engine.train import Trainer, pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 synthetic images, 8 per rank-step: 8 steps per epoch on one process, 4 per epoch on two
@@ -28,8 +28,8 @@ TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decod
 
 WORKER = '''
 import os, signal, sys
-from engine.cli import main
-from engine.train import Trainer
+from sslpt.engine.cli import main
+from sslpt.engine.train import Trainer
 
 kill_at = int(os.environ.get("KILL_AFTER_SAVE_AT_STEP", "0"))
 if kill_at:
@@ -48,7 +48,7 @@ sys.exit(main(sys.argv[1:]))
 
 def launch(tmp_path: Path, run_dir: Path, overrides: list[str], nproc: int = 1, kill_at: int = 0,
            resume: bool = False) -> subprocess.CompletedProcess:
-    """`python -m engine pretrain` (under torchrun with `nproc` > 1), optionally killed after a save."""
+    """`python -m sslpt pretrain` (under torchrun with `nproc` > 1), optionally killed after a save."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     args = ["pretrain", "hpm_digits", "--quiet", "--run-dir", str(run_dir)]

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import TOLERANCES
 
-from kernels import scatter_tokens
-from kernels._backend import triton_usable
-from kernels.scatter_tokens import scatter_tokens_ref
+from sslpt.kernels import scatter_tokens
+from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.scatter_tokens import scatter_tokens_ref
 
-scatter_module = importlib.import_module("kernels.scatter_tokens")
+scatter_module = importlib.import_module("sslpt.kernels.scatter_tokens")
 
 pytestmark = pytest.mark.skipif(not triton_usable(torch.device("cpu"))[0] and not torch.cuda.is_available(),
                                 reason="Triton needs a GPU or TRITON_INTERPRET=1")
@@ -133,6 +133,6 @@ def test_custom_ops_pass_opcheck():
     x_vis = torch.randn(2, 4, 24, device=DEVICE, requires_grad=True)
     fill = torch.randn(24, device=DEVICE, requires_grad=True)
     ids = random_ids(2, 9, 4)
-    torch.library.opcheck(torch.ops.kernels.scatter_tokens_triton.default, (x_vis, ids, 9, fill))
+    torch.library.opcheck(torch.ops.sslpt.scatter_tokens_triton.default, (x_vis, ids, 9, fill))
     dout = torch.randn(2, 9, 24, device=DEVICE)
-    torch.library.opcheck(torch.ops.kernels.scatter_tokens_triton_bwd.default, (dout, ids))
+    torch.library.opcheck(torch.ops.sslpt.scatter_tokens_triton_bwd.default, (dout, ids))

@@ -6,12 +6,12 @@ import shutil
 import pytest
 import torch
 
-import kernels
-from engine.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_commit
-from engine.config import load_config
-from engine.models.vit import Block
-from engine.objectives import build_objective
-from engine.train import Trainer, pretrain, train_step_optimizer
+from sslpt import kernels
+from sslpt.engine.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, read_commit
+from sslpt.engine.config import load_config
+from sslpt.engine.models.vit import Block
+from sslpt.engine.objectives import build_objective
+from sslpt.engine.train import Trainer, pretrain, train_step_optimizer
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
         "model.decoder_heads=2", "train.batch_size=64", "train.log_every=5", "data.synthetic_size=256",
@@ -90,7 +90,7 @@ def test_mixed_precision_runs(tmp_path, precision):
 # ------------------------------------------------------------------------------------- non-finite guard
 def poison(monkeypatch, factor: float, steps):
     """Multiply the HPM loss by ``factor`` (NaN, or huge) at the given global steps."""
-    from engine.objectives.hpm import HPM
+    from sslpt.engine.objectives.hpm import HPM
 
     forward = HPM.forward
 
@@ -208,7 +208,7 @@ def test_triton_custom_ops_compile_in_one_graph():
         return gm.forward
 
     torch.manual_seed(0)
-    block = Block(16, 2, attn_backend="ours")
+    block = Block(16, 2, attn_backend="triton")
     x = torch.randn(2, 5, 16, requires_grad=True)
     with kernels.use_backend("triton"):
         ref = block(x)
@@ -216,6 +216,6 @@ def test_triton_custom_ops_compile_in_one_graph():
         out = torch.compile(block, fullgraph=True, dynamic=False, backend=capture)(x)
         grad, = torch.autograd.grad(out.sum(), x)
     ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    assert any(name.startswith("kernels.") for name in ops), ops
+    assert any(name.startswith("sslpt.") for name in ops), ops
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.viz import PAD, TITLE_HEIGHT, VIRIDIS_ANCHORS, colormap, panel_size, save_hpm_panel, save_reconstructions
+from sslpt.engine.viz import PAD, TITLE_HEIGHT, VIRIDIS_ANCHORS, colormap, panel_size, save_hpm_panel, save_reconstructions
 
 
 def _batch(n=3, channels=1, size=8, patch=2):

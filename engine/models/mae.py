@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import kernels
-from engine.config import ModelConfig
+from sslpt import kernels
+from sslpt.engine.config import ModelConfig
 
-from .vit import Block, VisionTransformer, init_mae_weights, sincos_pos_embed
+from .vit import Block, build_vit, init_mae_weights, sincos_pos_embed
 
 
 class DecoderStack(nn.Module):
@@ -36,11 +36,10 @@ class DecoderStack(nn.Module):
 class MaskedAutoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig, loss_predictor: bool = False):
         super().__init__()
-        width, depth, heads = cfg.dims
+        width = cfg.dims[0]
         self.patch_size = cfg.patch_size
         self.in_chans = cfg.in_chans
-        self.encoder = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.in_chans, width, depth, heads,
-                                         cfg.mlp_ratio, cfg.attn_backend)
+        self.encoder = build_vit(cfg)
         self.num_patches = self.encoder.num_patches
         self.decoder_embed = nn.Linear(width, cfg.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_dim))

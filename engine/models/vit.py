@@ -11,9 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-
-
+from sslpt import kernels
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
     """MAE's fixed 2-D sin-cos embedding, [1, (1 +) grid*grid, dim].
 
@@ -38,14 +36,16 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tenso
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through ``kernels.attention`` (``backend``: auto | ours | sdpa | flex | xformers |
-    reference). ``x`` is [B, N, D], or packed [T, D] with ``cu_seqlens``; ``order``/``strict`` give SemAIM's
-    per-sample order mask (see ``kernels.sparse_attention``)."""
+    """Multi-head self-attention through ``kernels.attention`` (``backend``: one of kernels.ATTENTION_BACKENDS;
+    ``auto`` follows the process-wide kernels default, i.e. ``train.backend``, where attention implements it).
+    ``x`` is [B, N, D], or packed [T, D] with ``cu_seqlens``; ``order``/``strict`` give SemAIM's per-sample
+    order mask (see ``kernels.sparse_attention``)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "auto"):
         super().__init__()
         self.num_heads = num_heads
         self.backend = kernels.check_attention_backend(backend, "attn_backend")
+        self._call_backend = None if backend == "auto" else backend   # None: the process default
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
 
@@ -54,12 +54,12 @@ class Attention(nn.Module):
         if x.dim() == 2:  # packed samples [T, D]
             tokens, dim = x.shape
             q, k, v = self.qkv(x).reshape(tokens, 3, self.num_heads, dim // self.num_heads).unbind(1)
-            out = kernels.attention(q, k, v, backend=self.backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+            out = kernels.attention(q, k, v, backend=self._call_backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
             return self.proj(out.reshape(tokens, dim))
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)   # each [B, H, N, Dh]
-        out = kernels.attention(q, k, v, backend=self.backend, order=order, strict=strict)
+        out = kernels.attention(q, k, v, backend=self._call_backend, order=order, strict=strict)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -143,6 +143,25 @@ class VisionTransformer(nn.Module):
         return tokens[:, 1:].mean(dim=1) if pool == "mean" else tokens[:, 0]
 
 
+def build_vit(model, frozen_patch_embed: bool = False) -> VisionTransformer:
+    """The encoder a ModelConfig describes (every objective builds its ViT here, so ``model.attn_backend`` and
+    the architecture reach every encoder). ``frozen_patch_embed``: MoCo v3's fixed random patch projection."""
+    width, depth, heads = model.dims
+    encoder = VisionTransformer(model.img_size, model.patch_size, model.in_chans, width, depth, heads,
+                                model.mlp_ratio, model.attn_backend)
+    if frozen_patch_embed:
+        encoder.patch_embed.requires_grad_(False)
+    return encoder
+
+
+def vit_flops(encoder: VisionTransformer, tokens: int | None = None) -> float:
+    """Forward FLOPs per image of ``encoder`` on all its patches (or ``tokens`` tokens)."""
+    mlp_ratio = encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim if len(encoder.blocks) else 0.0
+    patch_dim = encoder.patch_embed.weight[0].numel()
+    tokens = encoder.num_patches + 1 if tokens is None else tokens
+    return encoder_flops(encoder.embed_dim, len(encoder.blocks), mlp_ratio, tokens, patch_dim, tokens - 1)
+
+
 def flops_per_token_block(dim: int, mlp_ratio: float, tokens: int) -> float:
     """Forward FLOPs of one block per token: 2 * (4 D^2 + 2 r D^2) + attention 4 N D."""
     return 2 * (4 + 2 * mlp_ratio) * dim * dim + 4 * tokens * dim
@@ -153,5 +172,5 @@ def encoder_flops(dim: int, depth: int, mlp_ratio: float, tokens: int, patch_dim
     return depth * tokens * flops_per_token_block(dim, mlp_ratio, tokens) + 2 * patches * patch_dim * dim
 
 
-__all__ = ["VisionTransformer", "Block", "sincos_pos_embed", "init_mae_weights", "encoder_flops",
+__all__ = ["VisionTransformer", "Block", "build_vit", "vit_flops", "sincos_pos_embed", "init_mae_weights", "encoder_flops",
            "flops_per_token_block"]

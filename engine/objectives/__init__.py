@@ -1,29 +1,17 @@
-"""Training objectives, one file each, registered by name.
+"""Training objectives, one self-contained file each (see docs/adding_an_objective.md).
 
-An objective is an ``nn.Module`` owning its models (students and teachers). The loop
-calls ``forward(imgs, ctx)`` -> (loss, metrics), ``on_epoch_start(epoch)`` and
-``after_optimizer_step(epoch)``; ``trainable`` is the module whose parameters the
-optimizer updates, ``encoder`` the network the probe evaluates.
+A module here that declares ``@register class X(Objective)`` is found without being listed anywhere.
 """
 from __future__ import annotations
 
-from .base import Objective, StepContext
+from sslpt.engine.registry import get, names, register
 
-OBJECTIVES: dict[str, type[Objective]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        OBJECTIVES[name] = cls
-        cls.name = name
-        return cls
-    return wrap
+from .base import EvalOutput, Objective, StepContext
 
 
 def build_objective(cfg) -> Objective:
-    return OBJECTIVES[cfg.objective.name](cfg)
+    """The objective that ``cfg.objective`` configures, built for ``cfg.model``."""
+    return get(cfg.objective.name)(cfg.objective, cfg.model)
 
 
-from . import hpm, mae, mocov3, simclr  # noqa: E402,F401  (registration)
-
-__all__ = ["OBJECTIVES", "Objective", "StepContext", "build_objective", "register"]
+__all__ = ["EvalOutput", "Objective", "StepContext", "build_objective", "get", "names", "register"]

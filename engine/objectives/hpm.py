@@ -1,28 +1,52 @@
-"""HPM, Hard Patches Mining (OBJECTIVES.md section 2).
+"""HPM, Hard Patches Mining (Wang et al., CVPR 2023; github.com/Haochen-Wang409/HPM).
 
-Per step: the EMA teacher scores every patch of the unmasked image; the mask is made
-of the ``K`` patches it expects to be hardest plus random ones (easy-to-hard: K grows
-with the epoch); the student reconstructs the masked patches and, with a second
-decoder, predicts its own per-patch loss, trained with a pairwise relative objective.
-
-Departures from the official code, all cost-free: the teacher has no reconstruction
-decoder (its output was unused) and is not run while K = 0 (the mask is then random).
+Per step: the EMA teacher scores every patch of the unmasked image; the mask is made of the ``K`` patches it
+expects to be hardest plus random ones (easy-to-hard: K grows with the epoch); the student reconstructs the
+masked patches and, with a second decoder, predicts its own per-patch loss, trained with a pairwise relative
+objective. docs/methods/hpm.md has the details and where this departs from the official code.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-import kernels
-from engine.ema import EMATeacher, ema_decay
-from engine.models.vit import encoder_flops
+from sslpt import kernels
+from sslpt.engine.config import require
+from sslpt.engine.ema import EMATeacher, ema_decay
+from sslpt.engine.eval import rowwise_spearman
+from sslpt.engine.models.vit import encoder_flops
+from sslpt.engine.registry import register
 
-from . import register
-from .base import StepContext
-from .mae import MAE, decoder_flops
+from .base import EvalOutput, StepContext
+from .mae import MAE, MAESettings, decoder_flops
+
+
+@dataclass(kw_only=True)
+class HPMSettings(MAESettings):
+    alpha_T: float = 0.5            # final fraction of the masked set chosen as hard patches
+    rec_weight: float = 1.0
+    pred_weight: float = 1.0
+    relative: bool = True           # False: the paper's ablation, MSE to per-image standardised losses
+    stable_relative: bool = True    # False: the official log(sigmoid + 1e-6) form
+    ema_decay_start: float = 0.999
+    ema_decay_end: float = 0.9999
+    ema_ramp_epochs: int = 100      # shortened to the run's length for runs under 100 epochs
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        key = self.key
+        require(0.0 <= self.alpha_T <= 1.0, f"{key('alpha_T')} must be in [0, 1], got {self.alpha_T}")
+        require(self.rec_weight >= 0 and self.pred_weight >= 0,
+                f"{key('rec_weight')} and {key('pred_weight')} must be >= 0")
+        for name in ("ema_decay_start", "ema_decay_end"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"{key(name)} must be in [0, 1), got {value}")
+        require(self.ema_ramp_epochs >= 0, f"{key('ema_ramp_epochs')} must be >= 0, got {self.ema_ramp_epochs}")
 
 
 def num_hard_patches(num_masked: int, epoch: int, total_epochs: int, alpha_T: float = 0.5) -> int:
-    """``int(num_masked * alpha)`` with ``alpha = (epoch + 1) / T * alpha_T``, as ``generate_mask`` does."""
+    """``int(num_masked * alpha)`` with ``alpha = (epoch + 1) / T * alpha_T``, as the official mask generator."""
     alpha = (epoch + 1) / total_epochs * alpha_T
     return min(int(num_masked * alpha), num_masked)
 
@@ -34,31 +58,30 @@ def standardized_mse(pred_score: torch.Tensor, true_loss: torch.Tensor, eps: flo
     return ((pred_score.float() - t) ** 2).mean()
 
 
-@register("hpm")
+@register
 class HPM(MAE):
+    name = "hpm"
+    Settings = HPMSettings
+    presets = ("hpm_digits", "hpm_vit_base_800ep")
     loss_predictor = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        o = cfg.objective
-        self.total_epochs = cfg.train.epochs
-        self.alpha_T = o.alpha_T
-        self.rec_weight, self.pred_weight = o.rec_weight, o.pred_weight
-        self.relative, self.stable = o.relative, o.stable_relative
-        self.ema_schedule = (o.ema_decay_start, o.ema_decay_end, o.ema_ramp_epochs)
+    def __init__(self, settings: HPMSettings, model):
+        super().__init__(settings, model)
+        # the teacher never uses the reconstruction decoder: not copying it saves its memory and forward pass
         self.teacher = EMATeacher(self.model, skip=("decoder",))
-        self.decay = o.ema_decay_start
+        self.decay = settings.ema_decay_start
         keep = kernels.masking.num_visible(self.model.num_patches, self.mask_ratio)
         self.num_masked = self.model.num_patches - keep
 
-    def on_epoch_start(self, epoch: int) -> None:
-        self.decay = ema_decay(epoch, self.total_epochs, *self.ema_schedule)
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        s = self.settings
+        self.decay = ema_decay(ctx.epoch, ctx.epochs, s.ema_decay_start, s.ema_decay_end, s.ema_ramp_epochs)
 
-    def after_optimizer_step(self, epoch: int) -> None:
+    def after_optimizer_step(self, ctx: StepContext) -> None:
         self.teacher.update(self.decay)
 
-    def num_hard(self, epoch: int) -> int:
-        return num_hard_patches(self.num_masked, epoch, self.total_epochs, self.alpha_T)
+    def num_hard(self, ctx: StepContext) -> int:
+        return num_hard_patches(self.num_masked, ctx.epoch, ctx.epochs, self.settings.alpha_T)
 
     @torch.no_grad()
     def teacher_scores(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -67,8 +90,8 @@ class HPM(MAE):
         return teacher.predict_loss(teacher.decoder_input(teacher.encode(imgs)))
 
     def masking(self, imgs: torch.Tensor, ctx: StepContext) -> kernels.Masking:
-        k = self.num_hard(ctx.epoch)
-        if k == 0:
+        k = self.num_hard(ctx)
+        if k == 0:   # the mask is random: the teacher's scores would not be used
             return super().masking(imgs, ctx)
         return kernels.hard_patch_masking(self.teacher_scores(imgs), self.mask_ratio, k, generator=ctx.generator)
 
@@ -76,43 +99,39 @@ class HPM(MAE):
         ids = masking.ids_masked
         pred_m = torch.gather(score, 1, ids)
         true_m = torch.gather(per_patch.detach(), 1, ids)
-        if self.relative:
-            return kernels.relative_loss(pred_m, true_m, stable=self.stable)
+        if self.settings.relative:
+            return kernels.relative_loss(pred_m, true_m, stable=self.settings.stable_relative)
         return standardized_mse(pred_m, true_m)
 
     def forward(self, imgs, ctx):
         masking = self.masking(imgs, ctx)
         _, per_patch, rec_loss, h = self.reconstruct(imgs, masking)
         pred_loss = self.prediction_loss(self.model.predict_loss(h), per_patch, masking)
-        loss = self.rec_weight * rec_loss + self.pred_weight * pred_loss
+        loss = self.settings.rec_weight * rec_loss + self.settings.pred_weight * pred_loss
         return loss, {"loss_rec": rec_loss.detach(), "loss_pred": pred_loss.detach()}
 
     def flops_per_image(self) -> float:
-        m = self.cfg.model
+        m = self.model_cfg
         width, depth, _ = m.dims
         tokens = m.num_patches + 1
         teacher = encoder_flops(width, depth, m.mlp_ratio, tokens, m.patch_dim, m.num_patches)
-        teacher += decoder_flops(self.cfg, tokens)
-        return super().flops_per_image() + 3 * decoder_flops(self.cfg, tokens) + teacher
+        teacher += decoder_flops(m, tokens)
+        return super().flops_per_image() + 3 * decoder_flops(m, tokens) + teacher
 
     @torch.no_grad()
-    def evaluate(self, imgs, generator):
-        """Random mask on held-out images: reconstruction, the teacher's scores and how well
-        the student's and the teacher's predicted losses rank the actual ones."""
-        from engine.eval import rowwise_spearman
-
-        masking = kernels.random_masking(imgs.shape[0], self.model.num_patches, self.mask_ratio,
-                                         generator=generator, device=imgs.device)
+    def evaluate(self, imgs, generator) -> EvalOutput:
+        """Random mask on held-out images: reconstruction, the teacher's scores and how well the student's and
+        the teacher's predicted losses rank the actual ones."""
+        masking = self.eval_masking(imgs, generator)
         pred, per_patch, loss, h = self.reconstruct(imgs, masking)
         student = self.model.predict_loss(h)
         teacher = self.teacher_scores(imgs)
         ids = masking.ids_masked
         actual = torch.gather(per_patch, 1, ids)
-        return {
-            "imgs": imgs, "mask": masking.mask, "pred": pred, "true_loss": per_patch, "pred_score": teacher,
-            "metrics": {
-                "val_loss_rec": float(loss),
-                "spearman_student": rowwise_spearman(torch.gather(student, 1, ids).float(), actual),
-                "spearman_teacher": rowwise_spearman(torch.gather(teacher, 1, ids).float(), actual),
-            },
+        metrics = {
+            "val_loss_rec": float(loss),
+            "spearman_student": rowwise_spearman(torch.gather(student, 1, ids).float(), actual),
+            "spearman_teacher": rowwise_spearman(torch.gather(teacher, 1, ids).float(), actual),
         }
+        return EvalOutput(metrics=metrics, images=imgs, mask=masking.mask, prediction=pred,
+                          prediction_normalized=self.norm_pix, patch_losses=per_patch, patch_scores=teacher)

@@ -1,42 +1,56 @@
-"""MAE (OBJECTIVES.md section 1): random masking, encoder on the visible patches, an
-MAE decoder, per-patch (normalised-)pixel MSE on the masked patches."""
+"""MAE (He et al., 2022; github.com/facebookresearch/mae): random masking, the encoder on the visible
+patches only, a light decoder over all positions, and per-patch (normalised-)pixel MSE on the masked patches."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
-import kernels
-from engine.models.mae import MaskedAutoencoder
-from engine.models.vit import encoder_flops
+from sslpt import kernels
+from sslpt.engine.config import ObjectiveSettings, require
+from sslpt.engine.models.mae import MaskedAutoencoder
+from sslpt.engine.models.vit import build_vit, encoder_flops
+from sslpt.engine.registry import register
 
-from . import register
-from .base import Objective, StepContext
-
-
-def decoder_flops(cfg, tokens: int) -> float:
-    m = cfg.model
-    d = m.decoder_dim
-    per_token = 2 * (4 + 2 * m.mlp_ratio) * d * d + 4 * tokens * d
-    return m.decoder_depth * tokens * per_token + 2 * tokens * d * m.patch_dim
+from .base import EvalOutput, Objective, StepContext
 
 
-@register("mae")
+@dataclass(kw_only=True)
+class MAESettings(ObjectiveSettings):
+    mask_ratio: float = 0.75
+    norm_pix: bool = False          # targets standardised per patch (MAE's released ViT recipes: true)
+
+    def check(self, cfg) -> None:
+        m = cfg.model
+        require(0.0 <= self.mask_ratio < 1.0, f"{self.key('mask_ratio')} must be in [0, 1), got {self.mask_ratio}")
+        require(kernels.masking.num_visible(m.num_patches, self.mask_ratio) >= 1,
+                f"{self.key('mask_ratio')}={self.mask_ratio} leaves no visible patch of {m.num_patches}")
+        require(not self.norm_pix or m.patch_dim >= 2,
+                f"{self.key('norm_pix')} needs at least 2 values per patch (model.patch_size**2 * in_chans)")
+
+
+def decoder_flops(model, tokens: int) -> float:
+    d = model.decoder_dim
+    per_token = 2 * (4 + 2 * model.mlp_ratio) * d * d + 4 * tokens * d
+    return model.decoder_depth * tokens * per_token + 2 * tokens * d * model.patch_dim
+
+
+@register
 class MAE(Objective):
+    name = "mae"
+    Settings = MAESettings
+    presets = ("mae_digits", "mae_vit_base_1600ep")
     loss_predictor = False
 
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        self.mask_ratio = cfg.objective.mask_ratio
-        self.norm_pix = cfg.objective.norm_pix
-        self.model = MaskedAutoencoder(cfg.model, loss_predictor=self.loss_predictor)
+    def __init__(self, settings: MAESettings, model):
+        super().__init__(settings, model)
+        self.mask_ratio = settings.mask_ratio
+        self.norm_pix = settings.norm_pix
+        self.model = MaskedAutoencoder(model, loss_predictor=self.loss_predictor)
 
-    @property
-    def trainable(self):
-        return self.model
-
-    @property
-    def encoder(self):
-        return self.model.encoder
+    @classmethod
+    def random_encoder(cls, settings, model):
+        return build_vit(model)   # what MaskedAutoencoder builds first, without its decoders
 
     def masking(self, imgs: torch.Tensor, ctx: StepContext) -> kernels.Masking:
         return kernels.random_masking(imgs.shape[0], self.model.num_patches, self.mask_ratio,
@@ -57,17 +71,20 @@ class MAE(Objective):
         return loss, {"loss_rec": loss.detach()}
 
     def flops_per_image(self) -> float:
-        m = self.cfg.model
+        m = self.model_cfg
         width, depth, _ = m.dims
         keep = kernels.masking.num_visible(m.num_patches, self.mask_ratio)
         fwd = encoder_flops(width, depth, m.mlp_ratio, keep + 1, m.patch_dim, keep)
-        fwd += decoder_flops(self.cfg, m.num_patches + 1)
+        fwd += decoder_flops(m, m.num_patches + 1)
         return 3 * fwd
 
+    def eval_masking(self, imgs: torch.Tensor, generator: torch.Generator) -> kernels.Masking:
+        return kernels.random_masking(imgs.shape[0], self.model.num_patches, self.mask_ratio,
+                                      generator=generator, device=imgs.device)
+
     @torch.no_grad()
-    def evaluate(self, imgs, generator):
-        masking = kernels.random_masking(imgs.shape[0], self.model.num_patches, self.mask_ratio,
-                                         generator=generator, device=imgs.device)
+    def evaluate(self, imgs, generator) -> EvalOutput:
+        masking = self.eval_masking(imgs, generator)
         pred, per_patch, loss, _ = self.reconstruct(imgs, masking)
-        return {"imgs": imgs, "mask": masking.mask, "pred": pred, "true_loss": per_patch,
-                "metrics": {"val_loss_rec": float(loss)}}
+        return EvalOutput(metrics={"val_loss_rec": float(loss)}, images=imgs, mask=masking.mask, prediction=pred,
+                          prediction_normalized=self.norm_pix, patch_losses=per_patch)

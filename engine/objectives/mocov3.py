@@ -1,4 +1,5 @@
-"""MoCo v3 (Chen, Xie and He, 2021) on a ViT: no queue, in-batch keys, a momentum encoder and a predictor.
+"""MoCo v3 (Chen, Xie and He, 2021; github.com/facebookresearch/moco-v3) on a ViT: no queue, in-batch keys,
+a momentum encoder and a predictor.
 
 Per step: two views (BYOL's asymmetric augmentations); the base branch (encoder -> 3-layer projector ->
 2-layer predictor) gives queries q1, q2; the momentum branch (encoder -> projector, an exponential moving
@@ -12,29 +13,41 @@ The momentum branch runs with batch statistics in its BatchNorms, as the officia
 training mode there); the views go through each branch's ViT as one batch, and through its MLPs one view at
 a time so their BatchNorm statistics are per view, as in the official code.
 
-Momentum schedule (``moco_momentum``): m = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2, from m0 to 1, with T the
-number of epochs. The official code steps it per iteration (t = epoch + i / iterations per epoch) and updates
-the momentum branch at the start of each step, before its keys; we update after each optimizer step with the
-t of the next step, the same sequence of values and updates. The loop does not tell objectives how many steps
-an epoch has: where it sets ``steps_per_epoch`` the schedule is per iteration, otherwise per epoch (t = epoch,
-the value of the epoch's first step; the difference is under (1 - m0) * pi / T per step).
+Momentum (``moco_momentum``): m = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2, from m0 to 1 over the T epochs,
+stepped per iteration (t = epoch + i / iterations per epoch). The official code updates the momentum branch at
+the start of each step, before its keys; we update it after each optimizer step with the t of the next step:
+the same sequence of values and updates.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from engine.data.views import two_views
-from engine.ema import EMATeacher
-from engine.models.heads import mlp_flops, sync_batchnorm_if_distributed
+from sslpt import kernels
+from sslpt.engine.config import require
+from sslpt.engine.data.views import two_views
+from sslpt.engine.distributed import negatives_group
+from sslpt.engine.ema import EMATeacher
+from sslpt.engine.models.contrastive import ContrastiveNet, ContrastiveSettings
+from sslpt.engine.registry import register
 
-from . import register
 from .base import Objective, StepContext
-from .simclr import ContrastiveNet, distributed_group, uses_gpu, view_specs
+
+
+@dataclass(kw_only=True)
+class MoCoV3Settings(ContrastiveSettings):
+    pred_hidden: int = 4096         # the 2-layer predictor of the base branch
+    momentum: float = 0.99          # momentum encoder: cosine from this to 1 (momentum_cosine)
+    momentum_cosine: bool = True
+    stop_grad_patch_embed: bool = False  # a random, frozen patch projection (stabilises ViT training)
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        require(self.pred_hidden >= 1, f"{self.key('pred_hidden')} must be >= 1, got {self.pred_hidden}")
+        require(0.0 <= self.momentum <= 1.0, f"{self.key('momentum')} must be in [0, 1], got {self.momentum}")
 
 
 def moco_momentum(progress: float, total: float, base: float, cosine: bool = True) -> float:
@@ -44,46 +57,30 @@ def moco_momentum(progress: float, total: float, base: float, cosine: bool = Tru
     return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * min(progress / total, 1.0))) / 2
 
 
-@register("mocov3")
+@register
 class MoCoV3(Objective):
-    steps_per_epoch: int | None = None  # set by the loop for a per-iteration momentum schedule
+    name = "mocov3"
+    Settings = MoCoV3Settings
+    presets = ("mocov3_digits",)
 
-    def __init__(self, cfg):
-        super().__init__()
-        o = cfg.objective
-        self.cfg = cfg
-        self.temperature = o.temperature
-        self.base_momentum, self.cosine = o.momentum, o.momentum_cosine
-        self.total_epochs = cfg.train.epochs
-        self.views = view_specs(o)
-        self.model = sync_batchnorm_if_distributed(ContrastiveNet(cfg, predictor=True), uses_gpu(cfg))
+    def __init__(self, settings: MoCoV3Settings, model):
+        super().__init__(settings, model)
+        self.temperature = settings.temperature
+        self.views = settings.view_specs()
+        self.model = ContrastiveNet(settings, model, pred_hidden=settings.pred_hidden,
+                                    frozen_patch_embed=settings.stop_grad_patch_embed)
         self.teacher = EMATeacher(self.model, skip=("predictor",))   # the momentum encoder + projector
-        self.momentum = moco_momentum(0, self.total_epochs, self.base_momentum, self.cosine)
-        self._last_step = -1
 
-    @property
-    def trainable(self) -> nn.Module:
-        return self.model
+    def momentum(self, progress: float, epochs: int) -> float:
+        return moco_momentum(progress, epochs, self.settings.momentum, self.settings.momentum_cosine)
 
-    @property
-    def encoder(self) -> nn.Module:
-        return self.model.encoder
-
-    def on_epoch_start(self, epoch: int) -> None:
-        if self.steps_per_epoch is None:
-            self.momentum = moco_momentum(epoch, self.total_epochs, self.base_momentum, self.cosine)
-
-    def after_optimizer_step(self, epoch: int) -> None:
-        if self.steps_per_epoch is not None:
-            progress = (self._last_step + 1) / self.steps_per_epoch
-            self.momentum = moco_momentum(progress, self.total_epochs, self.base_momentum, self.cosine)
-        self.teacher.update(self.momentum)
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        self.teacher.update(self.momentum((ctx.step + 1) / ctx.steps_per_epoch, ctx.epochs))
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        return 2 * self.temperature * kernels.info_nce(q, k, self.temperature, group=distributed_group())
+        return 2 * self.temperature * kernels.info_nce(q, k, self.temperature, group=negatives_group())
 
     def forward(self, imgs: torch.Tensor, ctx: StepContext):
-        self._last_step = ctx.step
         view1, view2 = two_views(imgs, ctx.generator, *self.views)
         both = torch.cat([view1, view2])
         net = self.model
@@ -96,11 +93,10 @@ class MoCoV3(Objective):
         with torch.no_grad():
             positive_cos = 0.5 * (F.cosine_similarity(q1.float(), k2.float(), dim=1).mean()
                                   + F.cosine_similarity(q2.float(), k1.float(), dim=1).mean())
+        # the momentum the keys were computed with (the update after the previous step used this step's t)
+        momentum = self.momentum(ctx.progress, ctx.epochs)
         return loss, {"loss_contrastive": loss.detach(), "positive_cos": positive_cos,
-                      "momentum": torch.tensor(self.momentum, device=loss.device)}
+                      "momentum": torch.tensor(momentum, device=loss.device)}
 
     def flops_per_image(self) -> float:
-        net = self.model
-        student = net.encoder_flops() + mlp_flops(net.projector) + mlp_flops(net.predictor)
-        teacher = net.encoder_flops() + mlp_flops(net.projector)
-        return 2 * (3 * student + teacher)
+        return 2 * (3 * self.model.flops() + self.model.flops(with_predictor=False))

@@ -1,0 +1,6 @@
+"""``python -m sslpt ...``: the engine's command line."""
+import sys
+
+from sslpt.engine.cli import main
+
+sys.exit(main())
