@@ -386,10 +386,15 @@ class Trainer:
         return metrics
 
     def save_pictures(self, out: EvalOutput, epoch: int) -> None:
-        """Reconstructions where the objective predicts patches; HPM-style panels where it also scores them."""
+        """Reconstructions where the objective predicts patches; HPM-style panels where it also scores them;
+        and whatever further figures the objective hands over."""
+        pictures = self.run_dir / "pictures"
+        for name, write in out.pictures.items():
+            pictures.mkdir(parents=True, exist_ok=True)
+            write(pictures / f"{name}_epoch{epoch + 1:04d}.png")
         if out.prediction is None:
             return
-        m, pictures = self.cfg.model, self.run_dir / "pictures"
+        m = self.cfg.model
         imgs, mask = out.images.float().cpu(), out.mask.cpu()
         recon = viz_reconstruction(out.images, out.prediction, m.patch_size, out.prediction_normalized).cpu()
         viz.save_reconstructions(pictures / f"recon_epoch{epoch + 1:04d}.png", imgs, mask, recon, m.patch_size,

@@ -12,7 +12,8 @@ An objective is an ``nn.Module`` that owns its networks (students, EMA teachers,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn as nn
@@ -43,6 +44,8 @@ class EvalOutput:
     Reconstruction objectives fill the tensors: ``prediction`` is per patch in the objective's target space
     (``prediction_normalized``: each patch standardised, as with MAE's norm_pix); ``patch_scores`` is a
     per-patch heat map the objective wants shown next to ``patch_losses`` (HPM: predicted vs actual loss).
+    ``pictures`` are any further figures: name -> a function that writes a PNG at the path it is given
+    (the trainer calls it on rank 0 with ``pictures/<name>_epochNNNN.png``).
     """
     metrics: dict[str, float] = field(default_factory=dict)
     images: torch.Tensor | None = None            # [B, C, H, W]
@@ -51,6 +54,7 @@ class EvalOutput:
     prediction_normalized: bool = False
     patch_losses: torch.Tensor | None = None      # [B, L]
     patch_scores: torch.Tensor | None = None      # [B, L]
+    pictures: dict[str, Callable[[Path], None]] = field(default_factory=dict)
 
 
 class Objective(nn.Module):
