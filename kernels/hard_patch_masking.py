@@ -48,8 +48,12 @@ _OP = define_op(
 )
 
 
+TIE_BREAKS = ("random", "position")
+
+
 def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: int,
-                       generator: torch.Generator | None = None, *, backend: str | None = None) -> Masking:
+                       generator: torch.Generator | None = None, *, tie_break: str = "random",
+                       backend: str | None = None) -> Masking:
     """Mask the ``num_hard`` highest-scored patches of each row, plus random others.
 
     Args:
@@ -58,6 +62,10 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
         num_hard: how many of the masked patches are the top-scored ones; 0 gives a
             plain random mask. At most the number of masked patches.
         generator: random generator on ``pred_score``'s device.
+        tie_break: which of several equally-scored patches are taken when not all of them fit: "random"
+            (default: uniformly at random, drawn from ``generator``; the same choice on every backend for a
+            given generator) or "position" (the lower position first: deterministic, but it favours the
+            top-left of the image wherever scores tie, e.g. low-precision scores).
         backend: who selects the top-scored patches ("auto" | "reference": a stable sort; "cuda": radix
             select); both apply the tie rule of ``top_patches_ref``. No Triton kernel: a process-wide default
             this op lacks counts as "auto".
@@ -76,8 +84,17 @@ def hard_patch_masking(pred_score: torch.Tensor, mask_ratio: float, num_hard: in
     if int(num_hard) != num_hard or not 0 <= num_hard <= num_masked:
         raise ValueError(f"num_hard must be an integer in [0, {num_masked}] (the number of masked "
                          f"patches), got {num_hard}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {TIE_BREAKS}, got {tie_break!r}")
     noise = torch.rand(batch, num_patches, generator=generator, device=pred_score.device)
     if num_hard > 0:
-        hard = _OP(backend, pred_score.device, pred_score.detach(), int(num_hard))
+        scores = pred_score.detach()
+        if tie_break == "random":
+            # relabel the positions at random: the selection's fixed rule (lower position first) then picks
+            # uniformly among equal scores, and every backend sees the same relabelling
+            perm = torch.rand(batch, num_patches, generator=generator, device=scores.device).argsort(dim=1)
+            hard = perm.gather(1, _OP(backend, scores.device, scores.gather(1, perm), int(num_hard)))
+        else:
+            hard = _OP(backend, scores.device, scores, int(num_hard))
         noise.scatter_(1, hard, 2.0)
     return masking_from_noise(noise, keep)

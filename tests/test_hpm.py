@@ -77,3 +77,17 @@ def test_hpm_flops_exceed_mae():
     # HPM costs ~2.3-2.5x MAE with the official EMA reconstructor; ours skips it
     assert 1.9 < ratio < 2.5
     assert 55e9 < mae.flops_per_image() < 62e9   # ~58 GFLOP/img for ViT-B MAE (docs/ops.md roofline figures)
+
+
+def test_loss_predictor_scores_are_fp32_under_bf16_autocast():
+    """bf16 scores collapse onto few values and make the hard-patch choice a tie-break; the head runs in fp32."""
+    cfg = tiny_cfg(**{"model.img_size": 16, "model.decoder_dim": 32})   # 64 patches
+    hpm = build_objective(cfg)
+    imgs = torch.randn(4, 1, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = hpm.teacher_scores(imgs)
+        low = hpm.teacher.model.loss_predictor.head(torch.randn(4, 65, 32)).mean(-1)   # what a bf16 head gives
+    assert scores.dtype == torch.float32 and low.dtype == torch.bfloat16
+    distinct = [row.unique().numel() for row in scores]
+    assert distinct == [64] * 4, distinct                                         # no ties left
+    assert min(row.unique().numel() for row in low) < 64                            # ties the fp32 head removes

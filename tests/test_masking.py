@@ -6,7 +6,7 @@ from sslpt.kernels import Masking, hard_patch_masking, random_masking
 from sslpt.kernels.masking import num_visible
 
 # chi-square quantiles far in the tail (p ~ 1e-4), so a fixed seed passes with a wide margin
-CHI2_BOUND = {6: 27.9, 34: 72.0}
+CHI2_BOUND = {6: 27.9, 15: 42.6, 34: 72.0}
 
 
 def _generator(seed):
@@ -160,3 +160,29 @@ def test_hard_patch_masking_bad_inputs():
         hard_patch_masking(scores.long(), 0.75, 1)
     with pytest.raises(TypeError, match="pred_score"):
         hard_patch_masking(scores.tolist(), 0.75, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_tied_scores_give_hard_sets_spread_over_positions(backend):
+    # every score equal: the 4 hard patches must be uniform over the 16 positions, not the first 4
+    draws = 4000
+    scores = torch.zeros(draws, 16)
+    m = hard_patch_masking(scores, 0.25, 4, generator=_generator(21), backend=backend)
+    hard = m.ids_shuffle[:, -4:]
+    counts = torch.bincount(hard.flatten(), minlength=16).double()
+    expected = draws * 4 / 16
+    assert ((counts - expected) ** 2 / expected).sum().item() < CHI2_BOUND[15]
+    # the old fixed rule, still available, always takes the lowest positions
+    fixed = hard_patch_masking(scores[:8], 0.25, 4, generator=_generator(21), tie_break="position")
+    assert torch.equal(fixed.ids_shuffle[:, -4:].sort(1).values, torch.arange(4).expand(8, 4))
+
+
+def test_random_tie_break_keeps_distinct_scores_and_is_reproducible():
+    scores = torch.randn(6, 16)
+    a = hard_patch_masking(scores, 0.75, 5, generator=_generator(3))
+    b = hard_patch_masking(scores, 0.75, 5, generator=_generator(3))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    top = torch.topk(scores, 5, dim=1).indices
+    assert torch.equal(a.ids_shuffle[:, -5:].sort(1).values, top.sort(1).values)
+    with pytest.raises(ValueError, match="tie_break"):
+        hard_patch_masking(scores, 0.75, 5, tie_break="first")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sslpt import kernels
 from sslpt.engine.config import ModelConfig
@@ -17,11 +18,16 @@ from .vit import Block, build_vit, init_mae_weights, sincos_pos_embed
 
 
 class DecoderStack(nn.Module):
-    """Transformer blocks, a LayerNorm and a linear head; the cls output is dropped."""
+    """Transformer blocks, a LayerNorm and a linear head; the cls output is dropped.
+
+    ``fp32_head``: the head runs in fp32 even under autocast (and with bf16 FSDP parameters). HPM ranks its
+    loss predictor's scores: in bf16 they collapse onto a few values (13-16 distinct among 16 patches on the
+    digits preset), and tied scores make the hard-patch choice arbitrary."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, out_dim: int, mlp_ratio: float = 4.0,
-                 attn_backend: str = "auto"):
+                 attn_backend: str = "auto", fp32_head: bool = False):
         super().__init__()
+        self.fp32_head = fp32_head
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, attn_backend) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, out_dim)
@@ -30,7 +36,12 @@ class DecoderStack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))[:, 1:]
+        x = self.norm(x)
+        if self.fp32_head:
+            with torch.autocast(x.device.type, enabled=False):
+                bias = None if self.head.bias is None else self.head.bias.float()
+                return F.linear(x.float(), self.head.weight.float(), bias)[:, 1:]
+        return self.head(x)[:, 1:]
 
 
 class MaskedAutoencoder(nn.Module):
@@ -47,7 +58,8 @@ class MaskedAutoencoder(nn.Module):
         self.decoder = DecoderStack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.patch_dim,
                                     cfg.mlp_ratio, cfg.attn_backend)
         self.loss_predictor = (DecoderStack(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.patch_dim,
-                                            cfg.mlp_ratio, cfg.attn_backend) if loss_predictor else None)
+                                            cfg.mlp_ratio, cfg.attn_backend, fp32_head=True)
+                               if loss_predictor else None)
         init_mae_weights(self.decoder_embed)
         nn.init.normal_(self.mask_token, std=0.02)
 
@@ -69,7 +81,7 @@ class MaskedAutoencoder(nn.Module):
         return self.decoder(h)
 
     def predict_loss(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, L] HPM's predicted reconstruction difficulty per patch."""
+        """[B, L] HPM's predicted reconstruction difficulty per patch, in fp32 (see DecoderStack)."""
         if self.loss_predictor is None:
             raise RuntimeError("this model was built without a loss predictor (loss_predictor=False)")
         return self.loss_predictor(h).mean(dim=-1)

@@ -8,6 +8,7 @@ objective. docs/methods/hpm.md has the details and where this departs from the o
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -32,6 +33,7 @@ class HPMSettings(MAESettings):
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999
     ema_ramp_epochs: int = 100      # shortened to the run's length for runs under 100 epochs
+    tie_break: Literal["random", "position"] = "random"   # among equally-scored patches (position: lower first)
 
     def check(self, cfg) -> None:
         super().check(cfg)
@@ -93,7 +95,8 @@ class HPM(MAE):
         k = self.num_hard(ctx)
         if k == 0:   # the mask is random: the teacher's scores would not be used
             return super().masking(imgs, ctx)
-        return kernels.hard_patch_masking(self.teacher_scores(imgs), self.mask_ratio, k, generator=ctx.generator)
+        return kernels.hard_patch_masking(self.teacher_scores(imgs), self.mask_ratio, k, generator=ctx.generator,
+                                          tie_break=self.settings.tie_break)
 
     def prediction_loss(self, score: torch.Tensor, per_patch: torch.Tensor, masking: kernels.Masking):
         ids = masking.ids_masked
