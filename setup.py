@@ -92,13 +92,16 @@ setup(
         "torch>=2.6",
         "numpy",
         "pillow",   # images: the folder data set and the pictures every run writes
+        "safetensors",   # exported encoders (python -m sslpt export)
         'triton; platform_system == "Linux" and platform_machine == "x86_64"',
         'tomli; python_version < "3.11"',
     ],
     extras_require={
         # the embedded digits data set (scikit-learn ships it)
         "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tensorboard"],
+        # optional run loggers (train.loggers)
+        "loggers": ["tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["sslpt = sslpt.engine.cli:main"]},
     ext_modules=ext_modules,

@@ -1,4 +1,5 @@
-"""Benchmarks of sparse encoder attention: dense short sequences (MAE), packed ragged samples, SemAIM order masks.
+"""Benchmarks of sparse encoder attention: dense short sequences (MAE), packed ragged samples, SemAIM order masks
+(both streams: the content stream's order mask and the query stream's strict one).
 
 Providers:
     reference       sparse_attention_ref (explicit fp32 softmax; a Python loop over samples when packed)
@@ -38,8 +39,8 @@ import torch.nn.functional as F
 
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main
 from sslpt.kernels._backend import triton_usable
-from sslpt.kernels.attention import _xformers_order_bias, attention, auto_choices
-from sslpt.kernels.sparse_attention import sparse_attention, sparse_attention_ref
+from sslpt.kernels.attention import _order_mask, _xformers_order_bias, attention, auto_choices
+from sslpt.kernels.sparse_attention import _order_visibility, sparse_attention, sparse_attention_ref
 
 PROVIDERS = ("reference", "sdpa", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "xformers", "triton",
              "auto")
@@ -57,13 +58,15 @@ class Case:
     dtype: torch.dtype
     kind: str = "dense"    # "dense" | "packed" | "order"
     lengths: tuple = field(default=())  # packed sample lengths
+    strict: bool = False   # order: query i sees key j iff order[j] < order[i] (SemAIM's query stream)
 
 
 def cases(tiny: bool) -> list[Case]:
     if tiny:
         return [Case("tiny", 1, 2, 12, 16, torch.float32),
                 Case("tiny_packed", 3, 2, 9, 16, torch.float32, "packed", (9, 1, 6)),
-                Case("tiny_order", 1, 2, 12, 16, torch.float32, "order")]
+                Case("tiny_order", 1, 2, 12, 16, torch.float32, "order"),
+                Case("tiny_order_strict", 1, 2, 12, 16, torch.float32, "order", strict=True)]
     gen = torch.Generator().manual_seed(0)
     lengths = tuple(torch.randint(30, 61, (256,), generator=gen).tolist())
     bf16 = torch.bfloat16
@@ -72,7 +75,8 @@ def cases(tiny: bool) -> list[Case]:
             Case("vitb_full197", 256, 12, 197, 64, bf16),
             Case("mae_decoder197", 256, 16, 197, 32, bf16),
             Case("packed_30to60", 256, 12, max(lengths), 64, bf16, "packed", lengths),
-            Case("semaim_order197", 256, 12, 197, 64, bf16, "order")]
+            Case("semaim_order197", 256, 12, 197, 64, bf16, "order"),
+            Case("semaim_query197", 256, 12, 197, 64, bf16, "order", strict=True)]
 
 
 @dataclass
@@ -103,11 +107,13 @@ def make_inputs(c: Case, device) -> Inputs:
                       (*pad, key_mask))
     q, k, v = (torch.randn(c.batch, c.heads, c.seqlen, c.head_dim, **kw) for _ in range(3))
     if c.kind == "order":
-        # SemAIM: a random autoregression order per image; the cls token (rank -1) is seen by every token
+        # SemAIM: a random autoregression order per image; the cls token (rank -1) is seen by every token.
+        # Content stream: i sees j iff order[j] <= order[i]; query stream (strict, queries from the other stream's
+        # positions, keys/values from the content stream): order[j] < order[i], the cls query sees nothing
         order = torch.rand(c.batch, c.seqlen, device=device)
         order[:, 0] = -1.0
-        visible = int((order[:, None, :] <= order[:, :, None]).sum())
-        return Inputs(q, k, v, dict(order=order), visible, None)
+        visible = int(_order_visibility(order, c.strict).sum())
+        return Inputs(q, k, v, dict(order=order, strict=c.strict), visible, None)
     return Inputs(q, k, v, {}, c.batch * c.seqlen**2, None)
 
 
@@ -149,9 +155,8 @@ def _sdpa_args(x: Inputs, c: Case):
     if c.kind == "packed":
         *qkv, key_mask = x.padded
         return qkv, key_mask
-    if c.kind == "order":
-        order = x.kwargs["order"]
-        return [x.q, x.k, x.v], (order[:, None, None, :] <= order[:, None, :, None])
+    if c.kind == "order":   # what our sdpa backend passes: rows that see nothing may see themselves
+        return [x.q, x.k, x.v], _order_mask(x.kwargs["order"], c.strict)[0]
     return [x.q, x.k, x.v], None
 
 
@@ -184,8 +189,9 @@ def _flex(x: Inputs, c: Case, device):
         mask = None
         if c.kind == "order":
             order = x.kwargs["order"]
-            mask = create_block_mask(lambda b, h, qi, ki: order[b, ki] <= order[b, qi], c.batch, None,
-                                     c.seqlen, c.seqlen, device=device)
+            visible = ((lambda b, h, qi, ki: order[b, ki] < order[b, qi]) if c.strict else
+                       (lambda b, h, qi, ki: order[b, ki] <= order[b, qi]))
+            mask = create_block_mask(visible, c.batch, None, c.seqlen, c.seqlen, device=device)
         q, k, v = _leaves(x.q, x.k, x.v)
     return _steps(lambda: compiled(q, k, v, block_mask=mask), [q, k, v])
 
@@ -212,7 +218,7 @@ def _xformers(x: Inputs, c: Case):
     else:
         bias = None
         if c.kind == "order":
-            bias, _ = _xformers_order_bias(x.kwargs["order"], False, c.heads, x.q.dtype)  # rows 8-aligned
+            bias, _ = _xformers_order_bias(x.kwargs["order"], c.strict, c.heads, x.q.dtype)  # rows 8-aligned
         q, k, v = _leaves(*(t.transpose(1, 2) for t in (x.q, x.k, x.v)))  # [B, N, H, Dh]
     return _steps(lambda: memory_efficient_attention(q, k, v, attn_bias=bias), [q, k, v])
 

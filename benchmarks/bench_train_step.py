@@ -1,11 +1,12 @@
-"""End-to-end benchmark: images/s, MFU and peak memory of one MAE and one HPM training step.
+"""End-to-end benchmark: images/s, MFU and peak memory of one MAE, one HPM, one DropPos and one SemAIM training step.
 
 One step is exactly the engine's ``Trainer.train_step`` (forward under bf16 autocast, backward, AdamW step,
 HPM's EMA-teacher update), called on an objective built from the presets configs/mae_vit_base_1600ep.toml
 and configs/hpm_vit_base_800ep.toml with ``model.arch`` set to ViT-B/16 or ViT-L/16 at 224 px. HPM runs
 at its final schedule epoch (the teacher scores every patch, half of the masked set is hard), its
-steady-state cost. Inputs are one fixed batch of random images already on the device: data loading and
-augmentation are not timed.
+steady-state cost. SemAIM (configs/semaim_vit_base_800ep.toml) pays its no-grad scoring forward, the
+order-masked content stream and one query block per encoder block in every step. Inputs are one fixed
+batch of random images already on the device: data loading and augmentation are not timed.
 
 Providers:
     kernels    the engine with ``kernels.use_backend("auto")``: the CUDA extension or Triton on GPU
@@ -19,6 +20,9 @@ per provider (the row says which). Rates: FLOPs are the objective's analytic ``f
 dense bf16 datasheet peak (engine.train.PEAK_TFLOPS; none for unknown devices and the CPU); roofline =
 that / the bf16 matmul rate measured in this run. Peak memory is the whole step's (weights, optimizer
 state, teacher, activations). HPM/MAE is HPM's time per image over MAE's (same model and provider).
+DropPos (configs/droppos_vit_base_800ep.toml, attentive reconstruction on, per-parameter clipping) also
+reports "attn guide/step": its no-grad full-image encoder pass timed alone, over the whole step that
+includes it.
 
 CPU tiny mode (the default on CPU): a ViT-Tiny-width, 2-block model on 32 px images (patch 4), batch 4,
 one warm-up and one timed step; "kernels" then runs Triton under the interpreter when TRITON_INTERPRET=1.
@@ -43,11 +47,12 @@ from benchmarks.harness import ProviderUnavailable, Row, device_roofline, emit_r
 from sslpt.engine.config import load_config
 from sslpt.engine.objectives import StepContext, build_objective
 from sslpt.engine.optim import base_lr, build_optimizer
-from sslpt.engine.train import Trainer, peak_tflops, step_generator
+from sslpt.engine.train import Trainer, autocast, peak_tflops, step_generator
 
 FAMILY = "train_step"
-OBJECTIVES = ("mae", "hpm")
-PRESETS = {"mae": "mae_vit_base_1600ep", "hpm": "hpm_vit_base_800ep"}
+OBJECTIVES = ("mae", "hpm", "droppos", "semaim")
+PRESETS = {"mae": "mae_vit_base_1600ep", "hpm": "hpm_vit_base_800ep", "droppos": "droppos_vit_base_800ep",
+           "semaim": "semaim_vit_base_800ep"}
 ARCHS = ("vit_base", "vit_large")
 PROVIDERS = ("kernels", "reference", "compile")
 MAX_BATCH = 256
@@ -167,7 +172,7 @@ def measure(objective: str, arch: str, provider: str, device, *, tiny: bool, max
         if batch == 1:
             raise torch.OutOfMemoryError(f"{case_name(cfg)} does not fit even at batch 1")
         batch //= 2
-    ms, peak, warmup_s, flops_per_image, backend = result
+    ms, peak, warmup_s, flops_per_image, backend, guide_ms = result
     images_per_s = batch / (ms / 1e3)
     achieved = flops_per_image * images_per_s / 1e12
     peak_datasheet = peak_tflops(torch.device(device))
@@ -175,7 +180,8 @@ def measure(objective: str, arch: str, provider: str, device, *, tiny: bool, max
              "ms_per_image": ms / batch, "flops_per_image": flops_per_image,
              "mfu": achieved / peak_datasheet if peak_datasheet else None, "peak_tflops_datasheet": peak_datasheet,
              "backend": backend, "attn_backend": getattr(cfg.model, "attn_backend", None),
-             "warmup_s": round(warmup_s, 2), "oom_batches": oom}
+             "warmup_s": round(warmup_s, 2), "oom_batches": oom,
+             "attn_guide_ms": guide_ms, "attn_guide_over_step": guide_ms / ms if guide_ms else None}
     return Row(FAMILY, case_name(cfg), provider, "step", ms, None, achieved,
                achieved / roof["matmul_tflops"] if roof else None, peak, extra=extra)
 
@@ -185,13 +191,28 @@ def _try_batch(cfg, device, provider, warmup, rep, compile_backend):
     try:
         bench = StepBench(cfg, device, provider, compile_backend)
         ms, peak, warmup_s = time_steps(bench, device, warmup, rep)
-        return ms, peak, warmup_s, bench.flops_per_image, bench.backend
+        return ms, peak, warmup_s, bench.flops_per_image, bench.backend, attn_guide_ms(bench, warmup, rep)
     except torch.OutOfMemoryError:
         return None
     finally:
         bench = None
         if provider == "compile":
             torch._dynamo.reset()
+
+
+def attn_guide_ms(bench: StepBench, warmup: int, rep: int) -> float | None:
+    """DropPos: median ms of its attentive-reconstruction pass alone (the no-grad encoder forward on the full
+    image, as the step runs it); None for other objectives or when the pass is off."""
+    objective = bench.trainer.objective
+    settings = getattr(objective, "settings", None)
+    if not (getattr(settings, "attn_guide", False) and getattr(settings, "attn_source", "") == "full"):
+        return None
+    ids_keep = objective.draw(bench.imgs, torch.Generator(bench.device).manual_seed(0)).masking.ids_keep
+
+    def guide():
+        with kernels.use_backend(bench.backend), autocast(bench.device, bench.cfg.train.precision):
+            return objective.guide_weights(bench.imgs, ids_keep)
+    return time_steps(guide, bench.device, warmup, rep)[0]
 
 
 def _failed(objective: str, arch: str, provider: str, device, tiny: bool, note: str) -> Row:
@@ -257,18 +278,19 @@ def _f(value, spec: str, scale: float = 1.0) -> str:
 
 def markdown(rows) -> str:
     """The training-step table: one line per (case, provider); rows without a timing say why in a note."""
-    lines = ["| case | provider | batch | step ms | img/s | TFLOP/s | MFU | of measured matmul | peak GiB | HPM/MAE |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| case | provider | batch | step ms | img/s | TFLOP/s | MFU | of measured matmul | peak GiB | HPM/MAE "
+             "| attn guide/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         x = r.extra or {}
         if not math.isfinite(r.ms):
-            lines.append(f"| {r.case} | {r.provider} | - | no timing | - | - | - | - | - | - |")
+            lines.append(f"| {r.case} | {r.provider} | - | no timing | - | - | - | - | - | - | - |")
             continue
         mfu = _f(x.get("mfu"), ".1f", 100) + ("%" if x.get("mfu") else "")
         of_matmul = _f(r.roofline, ".1f", 100) + ("%" if r.roofline else "")
         lines.append(f"| {r.case} | {r.provider} | {x.get('batch', '-')} | {r.ms:.1f} "
                      f"| {_f(x.get('images_per_s'), '.0f')} | {_f(r.tflops, '.1f')} | {mfu} | {of_matmul} "
-                     f"| {_f(r.peak_mb, '.1f', 1 / 1024)} | {_f(x.get('hpm_over_mae'), '.2f')} |")
+                     f"| {_f(r.peak_mb, '.1f', 1 / 1024)} | {_f(x.get('hpm_over_mae'), '.2f')} "
+                     f"| {_f(x.get('attn_guide_over_step'), '.2f')} |")
     return "\n".join(lines)
 
 

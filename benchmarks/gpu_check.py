@@ -64,25 +64,69 @@ class Stage:
     timeout: float = 0.0
     log: str = ""
     extra: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # added to the stage's environment (benchmark selection, test widths)
 
 
-def gpu_stages(tests: list[str]) -> list[Stage]:
-    dev = ["--device", "cuda"]
+# The two calls of a lent GPU session (each at most ~6 minutes, with the machine's start and the copy back):
+# (a) correctness: the CUDA extension's build and the GPU tests at small widths; (b) speed: the rows that decide
+# the targets first (our kernels and the baseline each target is set against), then the other rows of our
+# kernels, then the references, then torch.compile / FlexAttention / xformers as time allows.
+DEFAULT_CALL_BUDGET_S = 330
+GPU_TEST_MAX_DIM = 256   # the correctness call's widest rows: d = 1000 autotunes for minutes on a cold cache
+OURS = "triton,cuda,triton_api"
+
+
+def correctness_stages(tests: list[str]) -> list[Stage]:
     return [
-        Stage("roofline", ["benchmarks.harness", *dev], 0.5, "roofline", min_s=30),
         Stage("cuda_extension", [], 1.0, "extension", min_s=90),
         Stage("gpu_tests", ["pytest", "-m", "gpu", "-q", "-rfE", "--durations=5", "-p", "no:cacheprovider", *tests],
-              2.0, "tests", min_s=60),
-        Stage("train_step", ["benchmarks.bench_train_step", *dev, "--providers", "kernels", "reference"], 3.0,
+              2.0, "tests", min_s=60, env={"SSLPT_GPU_MAX_DIM": str(GPU_TEST_MAX_DIM)}),
+    ]
+
+
+def speed_stages() -> list[Stage]:
+    dev = ["--device", "cuda"]
+    gather, contrastive = ["benchmarks.bench_gather", *dev], ["benchmarks.bench_contrastive", *dev]
+    loss, attention = ["benchmarks.bench_loss", *dev], ["benchmarks.bench_attention", *dev]
+    return [
+        Stage("roofline", ["benchmarks.harness", *dev], 0.3, "roofline", min_s=20),
+        # the targets: embed 3x embed-all-then-gather, info_nce at N = 65,536, attention against SDPA, patch_loss
+        Stage("target_embed", [*gather, "--families", "embed_visible_patches"], 1.0, family="gather", min_s=30,
+              env={"BENCH_PROVIDERS": "triton,embed_all_then_gather"}),
+        Stage("target_info_nce", [*contrastive, "--families", "info_nce"], 1.0, family="contrastive", min_s=30,
+              env={"BENCH_PROVIDERS": "triton,chunked,cuda", "BENCH_CASES": "N65536"}),
+        Stage("target_attention", attention, 1.0, family="attention", min_s=30,
+              env={"BENCH_PROVIDERS": "triton,sdpa"}),
+        Stage("target_loss", [*loss, "--families", "patch_loss"], 0.5, family="loss", min_s=20,
+              env={"BENCH_PROVIDERS": "triton,cuda"}),
+        # the other rows of our kernels, with their references
+        Stage("gather", [*gather, "--families", "gather_tokens", "scatter_tokens"], 0.7, family="gather", min_s=20,
+              env={"BENCH_PROVIDERS": OURS + ",reference"}),
+        Stage("contrastive", [*contrastive, "--families", "info_nce_symmetric", "nt_xent"], 0.7,
+              family="contrastive", min_s=20, env={"BENCH_PROVIDERS": "triton,cuda,chunked,reference"}),
+        Stage("loss", [*loss, "--families", "relative_loss", "masking"], 0.5, family="loss", min_s=20,
+              env={"BENCH_PROVIDERS": OURS + ",reference,argsort_twice"}),
+        Stage("train_step", ["benchmarks.bench_train_step", *dev, "--providers", "kernels", "reference"], 1.5,
               family="train_step", min_s=60),
-        Stage("attention", ["benchmarks.bench_attention", *dev], 2.0, family="attention"),
-        Stage("contrastive", ["benchmarks.bench_contrastive", *dev], 1.5, family="contrastive"),
-        Stage("gather", ["benchmarks.bench_gather", *dev], 1.5, family="gather"),
-        Stage("loss", ["benchmarks.bench_loss", *dev], 1.0, family="loss"),
-        # last: compiling whole ViT training steps takes minutes; it gets whatever time the others left
-        Stage("train_step_compile", ["benchmarks.bench_train_step", *dev, "--providers", "compile"], 2.0,
+        # then the rest as time allows: the other attention providers, references, torch.compile
+        Stage("attention_others", attention, 0.7, family="attention", min_s=20,
+              env={"BENCH_SKIP_PROVIDERS": "triton,sdpa"}),
+        Stage("references", [*gather, "--families", "embed_visible_patches"], 0.3, family="gather", min_s=15,
+              env={"BENCH_PROVIDERS": "triton_api,reference"}),
+        Stage("compile", [*loss, "--families", "patch_loss"], 0.5, family="loss", min_s=20,
+              env={"BENCH_PROVIDERS": "compile,reference"}),
+        Stage("train_step_compile", ["benchmarks.bench_train_step", *dev, "--providers", "compile"], 1.0,
               family="train_step", min_s=60),
     ]
+
+
+def call_stages(call: str, tests: list[str]) -> list[Stage]:
+    """The stages of ``call``: "correctness", "speed", or "all" (both, as one call of a 10-minute budget)."""
+    if call == "correctness":
+        return correctness_stages(tests)
+    if call == "speed":
+        return speed_stages()
+    return [*speed_stages()[:1], *correctness_stages(tests), *speed_stages()[1:]]
 
 
 def cpu_smoke_stages(tests: list[str]) -> list[Stage]:
@@ -154,6 +198,7 @@ def _read(path: str) -> str:
 
 def run_stage(stage: Stage, out_dir: str, env: dict, timeout: float) -> None:
     stage.timeout = timeout
+    env = {**env, **stage.env}
     log_path = os.path.join(out_dir, f"{stage.name}.log")
     py = [sys.executable]
     if stage.kind == "extension":
@@ -382,6 +427,65 @@ def write_outputs(out_dir: str, text: str, data: dict, stages: list[Stage]) -> l
 
 # ------------------------------------------------------------------------------------------------ main
 
+def select(stages: list[Stage], only: list[str] | None, skip: list[str], cuda_sources: bool) -> None:
+    """Mark the stages not to run (--only / --skip, and the extension without csrc/ sources)."""
+    wanted = set(only or []) | ({"roofline"} if only else set())  # the header needs the roofline
+    for stage in stages:
+        if (wanted and stage.name not in wanted) or stage.name in skip:
+            stage.status, stage.weight = "skipped (asked)", 0.0
+        elif stage.kind == "extension" and not cuda_sources:
+            stage.status, stage.weight, stage.extra = "skipped", 0.0, {"reason": "csrc/ has no CUDA sources"}
+
+
+def run_plan(stages: list[Stage], budget: float, run_one, clock=time.perf_counter) -> float:
+    """Run the stages in order, each with its share of the time left (``allot``); returns the seconds used."""
+    started = clock()
+    for i, stage in enumerate(stages):
+        if stage.status != "not run":
+            continue
+        remaining = budget - (clock() - started)
+        if remaining < 5:
+            stage.status = "skipped (budget spent)"
+            continue
+        run_one(stage, allot(stages, i, remaining))
+    return clock() - started
+
+
+class FakeClock:
+    """The dry run's clock: time passes only when a stage 'runs', by its whole timeout."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def dry_run(stages: list[Stage], budget: float, call: str, cpu: bool) -> int:
+    """Print the plan: every stage with the timeout it would get if each one before it ran to its own timeout
+    (the longest the call can take), and its command; exit 1 if that could exceed the budget."""
+    clock = FakeClock()
+
+    def pretend(stage: Stage, timeout: float) -> None:
+        stage.timeout, stage.status, stage.seconds = timeout, "dry run", timeout
+        clock.now += timeout
+
+    total = run_plan(stages, budget, pretend, clock)
+    print(f"gpu_check --call {call}{' --cpu-smoke' if cpu else ''}: {len(stages)} stages, budget {budget:.0f} s, "
+          f"at most {total:.0f} s (fake clock, every stage to its timeout)\n")
+    print("| # | stage | starts at | timeout | status | command | environment |\n|---:|---|---:|---:|---|---|---|")
+    at = 0.0
+    for i, s in enumerate(stages, 1):
+        command = "load sslpt.kernels._C" if s.kind == "extension" else "python -m " + " ".join(s.args)
+        env = " ".join(f"{k}={v}" for k, v in s.env.items())
+        ran = s.status == "dry run"
+        print(f"| {i} | {s.name} | {f'{at:.0f} s' if ran else '-'} | {_fmt_s(s.timeout) if ran else '-'} | "
+              f"{s.status} | `{command}` | {env} |")
+        at += s.seconds if ran else 0.0
+    return 0 if total <= budget + 1e-6 else 1
+
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "out"),
@@ -389,19 +493,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help=f"seconds for everything (default {DEFAULT_BUDGET_S}; 240 with --cpu-smoke)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny CPU run of the same machinery (CI)")
+    parser.add_argument("--call", choices=("correctness", "speed", "all"), default="all",
+                        help=f"correctness: the CUDA extension and the GPU tests (d <= {GPU_TEST_MAX_DIM}); speed: the "
+                             f"benchmarks, target rows first; each fits one device call in {DEFAULT_CALL_BUDGET_S} s. "
+                             f"all: both in one call ({DEFAULT_BUDGET_S} s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run nothing: list the stages, their commands and their time budgets, each stage taking "
+                             "its whole timeout (the worst case) on a fake clock")
     parser.add_argument("--only", nargs="+", help="run only these stages (and roofline; names as in the report)")
     parser.add_argument("--skip", nargs="+", default=[], help="skip these stages")
     parser.add_argument("--tests", nargs="+", default=None,
                         help="test paths of the gpu_tests stage (default tests/; --cpu-smoke: tests/test_nt_xent.py)")
     args = parser.parse_args(argv)
     cpu = args.cpu_smoke
-    budget = args.budget or (240.0 if cpu else DEFAULT_BUDGET_S)
+    budget = args.budget or (240.0 if cpu else DEFAULT_BUDGET_S if args.call == "all" else DEFAULT_CALL_BUDGET_S)
     tests = args.tests or (["tests/test_nt_xent.py"] if cpu else ["tests"])
-    stages = cpu_smoke_stages(tests) if cpu else gpu_stages(tests)
+    stages = cpu_smoke_stages(tests) if cpu else call_stages(args.call, tests)
     names = [s.name for s in stages]
     for wanted in (args.only or []) + args.skip:
         if wanted not in names:
             parser.error(f"unknown stage {wanted!r} (stages: {', '.join(names)})")
+    if args.dry_run:
+        select(stages, args.only, args.skip, has_cuda_sources())
+        return dry_run(stages, budget, args.call, cpu)
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "*.rows.jsonl")) + [os.path.join(out_dir, "roofline.json"),
@@ -409,27 +523,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.exists(stale):
             os.remove(stale)
     env = child_env(out_dir, cpu)
-    only = set(args.only or []) | ({"roofline"} if args.only else set())  # the header needs the roofline
-    for stage in stages:
-        if (only and stage.name not in only) or stage.name in args.skip:
-            stage.status, stage.weight = "skipped (asked)", 0.0
-        elif stage.kind == "extension" and not has_cuda_sources():
-            stage.status, stage.weight, stage.extra = "skipped", 0.0, {"reason": "csrc/ has no CUDA sources"}
-    started = time.perf_counter()
-    for i, stage in enumerate(stages):
-        if stage.status != "not run":
-            continue
-        remaining = budget - (time.perf_counter() - started)
-        if remaining < 5:
-            stage.status = "skipped (budget spent)"
-            continue
-        run_stage(stage, out_dir, env, allot(stages, i, remaining))
+    select(stages, args.only, args.skip, has_cuda_sources())
+
+    def run_one(stage: Stage, timeout: float) -> None:
+        run_stage(stage, out_dir, env, timeout)
         if stage.kind == "extension" and stage.status != "ok":
             # a build killed half-way leaves torch's JIT lock behind, on which every later load would wait:
             # remove it, and ask later stages not to build (the ops then run on Triton)
             stage.extra["locks_removed"] = clear_extension_locks()
             env["SSL_SKIP_CUDA_BUILD"] = "1"
-    total = time.perf_counter() - started
+
+    total = run_plan(stages, budget, run_one)
     roof_file = os.path.join(out_dir, "roofline.json")
     roof, device_env = None, None
     if os.path.exists(roof_file):

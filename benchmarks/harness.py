@@ -222,7 +222,12 @@ def bench(family: str, case: str, providers: Mapping[str, Provider], *,
         bytes_moved, flops: per mode, the minimal HBM traffic and arithmetic of the op (not of a
             provider), so that GB/s, TFLOP/s and the roofline fraction compare providers fairly.
     Out of memory, or any error under ``$BENCH_KEEP_GOING=1``, also gives a nan row with the reason.
+    ``$BENCH_CASES`` and ``$BENCH_PROVIDERS`` narrow and order what runs (see ``selected``): gpu_check's speed
+    call times the rows that decide the targets first.
     """
+    if not selected(case, "BENCH_CASES"):
+        return []
+    providers = {name: providers[name] for name in sorted(providers, key=_provider_rank) if selected(name)}
     roof = device_roofline(device) if (bytes_moved or flops) else {}
     rows = []
     for mode in modes:
@@ -260,6 +265,26 @@ def bench(family: str, case: str, providers: Mapping[str, Provider], *,
             rows.append(emit_row(Row(family, case, name, mode, ms, _rate(nbytes, ms, 1e6), _rate(nflops, ms, 1e9),
                                      roofline, mem)))
     return rows
+
+
+def _listed(variable: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+
+
+def selected(name: str, variable: str = "BENCH_PROVIDERS") -> bool:
+    """Whether ``name`` runs: ``$BENCH_PROVIDERS`` (comma-separated) lists the providers to run, and
+    ``$BENCH_SKIP_PROVIDERS`` those not to; ``$BENCH_CASES`` lists substrings of which a case must hold one.
+    Unset: everything runs."""
+    wanted = _listed(variable)
+    if variable == "BENCH_CASES":
+        return not wanted or any(part in name for part in wanted)
+    return (not wanted or name in wanted) and name not in _listed("BENCH_SKIP_PROVIDERS")
+
+
+def _provider_rank(name: str) -> int:
+    """Providers run in the order of ``$BENCH_PROVIDERS`` (the others, when it is unset, keep theirs)."""
+    wanted = _listed("BENCH_PROVIDERS")
+    return wanted.index(name) if name in wanted else len(wanted)
 
 
 def _failed_row(family: str, case: str, provider: str, mode: str, note: str, device) -> Row:

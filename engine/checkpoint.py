@@ -9,6 +9,10 @@ newest ``keep`` (>= 2) are kept, and the older ones are deleted only after a new
 What is saved: the objective's state (students, EMA teachers, buffers) and the optimizer's, both by canonical
 parameter names (``get_state_dict``: the same names under FSDP2, DDP, compile or activation checkpointing, so
 DCP reshards on load), plus the trainer's position and counters as one JSON string.
+
+Trust: ``COMMIT`` records the size and sha256 of every file; a checkpoint whose files do not match is never
+loaded and never counted for rotation, and ``--resume`` falls back to the newest one that verifies.
+``.metadata`` and the small values are unpickled through allow-lists (engine/checkpoint_io.py).
 """
 from __future__ import annotations
 
@@ -23,11 +27,16 @@ from pathlib import Path
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
-COMMIT = "COMMIT"
+from sslpt.engine import faults
+from sslpt.engine.checkpoint_io import (COMMIT, GuardedWriter, SafePlanner, SafeReader, file_digests,
+                                        mark_verified, read_metadata, verify)
+from sslpt.engine.run_dir import no_space, write_atomic
+
 _NAME = re.compile(r"^step_(\d+)$")
 _LEFTOVER = re.compile(r"^step_(\d+)\.(partial|old)$")
 
@@ -91,21 +100,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_durably(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def select_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint that verifies or None, [(newer ones skipped, why)])."""
+    skipped = []
+    for path in reversed(list_checkpoints(run_dir)):
+        reason = verify(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
 
 
 def purge(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and leftovers of saves that died."""
-    complete = list_checkpoints(run_dir)
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep`` checkpoints that verify (and any newer that do not, to be looked at or replaced);
+    delete everything older, and leftovers of saves that died."""
+    complete, good = list_checkpoints(run_dir), 0
+    for path in reversed(complete):
+        if good >= keep:
+            shutil.rmtree(path, ignore_errors=True)
+        elif verify(path) is None:
+            good += 1
     newest = int(_NAME.match(complete[-1].name).group(1)) if complete else -1
     for path in checkpoint_dir(run_dir).iterdir():
         m = _LEFTOVER.match(path.name)
@@ -124,11 +138,23 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizers, trai
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd, "trainer": json.dumps(trainer_state)}
-    with _single_process_quiet():
-        dcp.save(state, checkpoint_id=partial, no_dist=not _distributed())
+    writer = GuardedWriter(partial)
+    try:
+        with _single_process_quiet():
+            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+    except (Exception, CheckpointException) as err:   # DCP's CheckpointException is a BaseException
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)   # its space is needed more than its bytes
+        full = no_space(writer.errors[0] if writer.errors else err, folder)
+        if full is not None:
+            raise full from err
+        raise
     _barrier()   # every rank's shards are written and fsynced
+    digests = file_digests(partial)   # every rank hashes its share
+    faults.before_commit(step)
     if _rank() == 0:
-        _write_json_durably(partial / COMMIT, trainer_state)
+        write_atomic(partial / COMMIT, json.dumps({**trainer_state, "files": digests}, indent=1))
+        _fsync_dir(partial)
         replaced = None
         if final.exists():   # the same step saved again (resumed from an older one): swap, never delete first
             replaced = folder / f"{final.name}.old"
@@ -136,6 +162,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizers, trai
             os.replace(final, replaced)
         os.replace(partial, final)
         _fsync_dir(folder)
+        mark_verified(final)
         purge(run_dir, keep)
     _barrier()
     return final
@@ -155,7 +182,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def check_compatible(path: Path, model_state: dict) -> None:
     """Refuse, before loading anything, a checkpoint whose tensors do not match this model's names and shapes."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_metadata(path)
     saved = {key[len("model."):]: tuple(item.size) for key, item in metadata.state_dict_metadata.items()
              if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
     current = {key: tuple(t.shape) for key, t in model_state.items()}
@@ -177,10 +204,14 @@ def check_compatible(path: Path, model_state: dict) -> None:
                           f"RUN_DIR`), or start a new run in another folder (--run-dir)")
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizers=None) -> dict:
+def load_checkpoint(path: Path, model: nn.Module, optimizers=None, verified: bool = False) -> dict:
     """Load model (and optimizers') state in place, resharding as needed; returns the trainer state.
-    ``optimizers``: one optimizer or a list (their states are keyed by parameter name, so they can be)."""
+    ``optimizers``: one optimizer or a list (their states are keyed by parameter name, so they can be).
+    The files are checked against COMMIT first unless the caller has (``verified``)."""
     path = resolve_checkpoint(path)
+    if not verified and (reason := verify(path)) is not None:
+        raise CheckpointError(f"checkpoint {path} failed verification: {reason}. It was not loaded; use an older "
+                              f"checkpoint of {path.parent} (--resume auto picks the newest that verifies)")
     if optimizers is None:
         model_sd, optim_sd = get_model_state_dict(model), None
     else:
@@ -190,7 +221,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizers=None) -> dict:
     if optimizers is not None:
         state["optim"] = optim_sd
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafePlanner(), no_dist=not _distributed())
     if optimizers is None:
         set_model_state_dict(model, state["model"])
     else:

@@ -14,6 +14,10 @@ EPILOG = """examples:
   torchrun --nproc-per-node 8 -m sslpt pretrain hpm_vit_base_800ep --set train.parallel=fsdp \
       --run-dir runs/hpm-b --resume auto                     # 8 GPUs; a restarted job continues where it stopped
   python -m sslpt probe runs/hpm-digits-20261123-101500     # linear probe + kNN vs a random encoder
+  python -m sslpt export RUN_DIR                              # the encoder for timm (safetensors + JSON)
+  python -m sslpt linprobe RUN_DIR [--random-init]           # MAE's linear probe (BatchNorm + linear, LARS)
+  python -m sslpt finetune RUN_DIR [--random-init]           # MAE's fine-tuning recipe; docs/after_pretraining.md
+  python -m sslpt plot runs/hpm-digits-1 runs/mae-digits-1 --out hpm_vs_mae.png   # curves, overlaid
 
 CONFIG is a TOML file or the name of a preset in configs/. Every field can be overridden
 with --set section.key=value (sections: model, objective.<name> e.g. objective.hpm.alpha_T,
@@ -51,7 +55,39 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's saved config (e.g. train.probe_shots=10)")
     sub.add_parser("presets", help="list the presets in configs/ and the objective each trains")
+    c = sub.add_parser("plot", help="training curves of one or more runs, overlaid, as a PNG")
+    c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN")
+    c.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png for one run, curves.png for "
+                                            "several)")
+    _add_encoder_commands(sub)
     return parser
+
+
+def _add_encoder_commands(sub) -> None:
+    """export, linprobe and finetune: what to do with an encoder after pre-training (docs/after_pretraining.md)."""
+    e = sub.add_parser("export", help="write a run's encoder as safetensors with timm's names (+ a JSON)")
+    e.add_argument("run_dir", type=Path)
+    e.add_argument("--format", choices=("timm", "torch"), default="timm",
+                   help="timm: timm's VisionTransformer names (default); torch: the engine's own names")
+    e.add_argument("--out", type=Path, help="the .safetensors file (default RUN/export/encoder_<format>.safetensors)")
+    e.add_argument("--pool", choices=("cls", "mean"), default="cls",
+                   help="the pooling the JSON's timm kwargs select (global_pool token or avg)")
+    for name, what in (("linprobe", "MAE's linear probe (BatchNorm + linear head on frozen features, LARS)"),
+                       ("finetune", "MAE's end-to-end fine-tuning recipe (top-1/top-5 on the val split)")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("source", type=Path, help="a run folder or an exported .safetensors file")
+        paper = "vit_base_90ep" if name == "linprobe" else "vit_base_100ep"
+        c.add_argument("--preset", help=f"digits or {paper} (default: digits for digits data, else {paper})")
+        c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help=f"{name}.<key>=... for the protocol, any other section for the run's config (data.path)")
+        c.add_argument("--run-dir", type=Path, help=f"output folder (default: a new {name}-<init>-<time> folder in "
+                                                     f"the run folder, or in runs/ for a file)")
+        c.add_argument("--random-init", action="store_true", help="the same architecture from random weights "
+                                                                   "(the baseline)")
+        c.add_argument("--quiet", action="store_true")
+        if name == "finetune":
+            c.add_argument("--resume", metavar="auto|CHECKPOINT", default=None,
+                           help="auto: continue from the newest complete checkpoint in --run-dir if any")
 
 
 PROBE_ROWS = (("linear probe, cls token", "linear_cls"), ("linear probe, mean of patch tokens", "linear_mean"),
@@ -75,7 +111,11 @@ def _print_result(result) -> None:
     if result.probe:
         print(format_probe(result.probe))
     print(f"final training loss {result.final_loss:.4f}")
-    print(f"run folder: {result.run_dir}  (config.toml, metrics.jsonl, checkpoints/, pictures/, probe.json)")
+    if result.skipped_images:
+        print(f"skipped {result.skipped_images} unreadable or oversized images, each replaced by one of its class "
+              f"(per epoch: the \"data\" records of metrics.jsonl)")
+    print(f"run folder: {result.run_dir}  (config.toml, metrics.jsonl, curves.png, checkpoints/, pictures/, "
+          f"probe.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     from sslpt.engine.checkpoint import CheckpointError
     from sslpt.engine.config import CONFIG_DIR, ConfigError, load_config
     from sslpt.engine.distributed import DistributedSetupError
+    from sslpt.engine.run_dir import RunDirError
 
     try:
         if args.command == "presets":
@@ -91,6 +132,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             return _probe(args.run_dir, args.overrides)
+        if args.command == "plot":
+            from sslpt.engine.curves import plot_runs
+
+            out = args.out or (args.run_dirs[0] / "curves.png" if len(args.run_dirs) == 1 else Path("curves.png"))
+            print(plot_runs(args.run_dirs, out))
+            return 0
+        if args.command in ("export", "linprobe", "finetune"):
+            from sslpt.engine.encoder_cli import run_encoder_command
+
+            return run_encoder_command(args)
         from sslpt.engine.train import pretrain
 
         if args.command == "resume":
@@ -104,9 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.resume == "auto" and args.run_dir is None and not cfg.train.run_name:
                 raise ConfigError("--resume auto needs a fixed run folder: give --run-dir or train.run_name")
             result = pretrain(cfg, run_dir=args.run_dir, resume=args.resume or False, show_progress=not args.quiet)
-    except (ConfigError, FileNotFoundError, CheckpointError, DistributedSetupError) as err:
+    except (ConfigError, FileNotFoundError, CheckpointError, DistributedSetupError, RunDirError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:   # the run stopped on non-finite steps; the message says how to go on
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result.is_main:
         _print_result(result)
     return 0
@@ -115,21 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 def _probe(run_dir: Path, overrides: list[str]) -> int:
     import torch
 
-    from sslpt.engine.checkpoint import latest_checkpoint, load_checkpoint
-    from sslpt.engine.config import ConfigError, load_config
     from sslpt.engine.distributed import resolve_device
-    from sslpt.engine.objectives import build_objective
+    from sslpt.engine.pretrained import load_run
     from sslpt.engine.probe import run_probe
 
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
-    cfg = load_config(run_dir / "config.toml", overrides)
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    cfg, objective, _ = load_run(run_dir, overrides)
     device = resolve_device(cfg.train.device)
-    objective = build_objective(cfg)
-    load_checkpoint(path, objective)   # weights only; DCP gathers the shards of any world size
     with torch.no_grad():
         result = run_probe(cfg, objective.to(device), device)
     (run_dir / "probe.json").write_text(json.dumps(result, indent=2))

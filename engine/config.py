@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sys
 import types
 import typing
@@ -97,6 +98,7 @@ class DataConfig:
     val_fraction: float = 0.2
     num_workers: int = 0
     synthetic_size: int = 2048
+    max_image_pixels: int = 89_478_485   # folder: larger images are skipped (decompression bombs); PIL's default
 
 
 @dataclass(kw_only=True)
@@ -108,6 +110,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 40.0
     clip_grad: float | None = None  # global-norm clipping; None = off (MAE, HPM)
+    clip_mode: Literal["global", "per_param"] = "global"  # per_param: each parameter's grad norm clipped separately (DINO, DropPos)
 
 
 @dataclass(kw_only=True)
@@ -140,6 +143,7 @@ class TrainConfig:
     probe: bool = True              # linear probe (pre-trained vs random encoder) at the end
     probe_max_images: int = 10000
     probe_shots: int = 5            # also a linear probe fitted on this many labels per class (mean of 20 draws); 0 = off
+    loggers: tuple[Literal["jsonl", "tensorboard", "wandb"], ...] = ("jsonl",)  # metrics.jsonl is always written
 
 
 @dataclass(kw_only=True)
@@ -413,7 +417,17 @@ def validate(cfg: Config) -> None:
     require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     require(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
+    require(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
+    if d.name in ("digits", "folder"):
+        require(m.in_chans in (1, 3), f"model.in_chans={m.in_chans} does not fit data.name={d.name!r}: its images "
+                f"are grayscale (in_chans=1) or RGB (in_chans=3)")
+    if d.name == "digits":
+        require(m.img_size >= 8, f"model.img_size={m.img_size} is smaller than the 8x8 digits images: set "
+                f"model.img_size >= 8 (they are upsampled)")
 
+    for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "clip_grad"):
+        value = getattr(opt, name)
+        require(value is None or math.isfinite(value), f"optim.{name} must be a finite number, got {value}")
     require(opt.blr > 0, f"optim.blr must be > 0, got {opt.blr}")
     require(opt.lr is None or opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
     require(opt.min_lr >= 0, f"optim.min_lr must be >= 0, got {opt.min_lr}")
@@ -421,6 +435,8 @@ def validate(cfg: Config) -> None:
     require(all(0 <= b < 1 for b in opt.betas), f"optim.betas must be in [0, 1), got {list(opt.betas)}")
     require(opt.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {opt.warmup_epochs}")
     require(opt.clip_grad is None or opt.clip_grad > 0, f"optim.clip_grad must be > 0, got {opt.clip_grad}")
+    require(opt.clip_mode == "global" or opt.clip_grad is not None,
+            f"optim.clip_mode = {opt.clip_mode!r} needs a threshold: set optim.clip_grad")
 
     require(t.epochs >= 1, f"train.epochs must be >= 1, got {t.epochs}")
     require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
@@ -438,5 +454,10 @@ def validate(cfg: Config) -> None:
     require(bool(t.compile_backend), "train.compile_backend must name a torch.compile backend, e.g. 'inductor'")
     require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
     require(t.dist_timeout_s >= 1, f"train.dist_timeout_s must be >= 1 (seconds), got {t.dist_timeout_s}")
+    from sslpt.engine.run_dir import check_run_name
+
+    why = check_run_name(t.run_name) if t.run_name else None
+    require(why is None, f"train.run_name={t.run_name!r} {why}: it must name a folder inside train.out_dir "
+            f"(use --run-dir for a folder elsewhere)")
 
     cfg.objective.check(cfg)

@@ -53,7 +53,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={name!r} but no CUDA GPU is available")
+            raise DistributedSetupError(f"train.device={name!r} but no CUDA GPU is available to this process "
+                                        f"(torch.cuda.is_available() is False): use train.device=cpu, or auto to "
+                                        f"take a GPU when there is one")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -160,21 +160,24 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(1, order, (first + last).double() / 2)
 
 
-def rowwise_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the Spearman correlation of a[i] and b[i] ([B, L] each).
-
-    Rows where either side is constant have no correlation and are left out; NaN if every row is constant.
-    """
+def spearman_per_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B] float64 Spearman correlation of a[i] and b[i] ([B, L] each); NaN where either row is constant."""
     if a.shape != b.shape or a.dim() != 2 or a.shape[1] < 2:
         raise ValueError(f"a and b must both be [B, L] with L >= 2, got {tuple(a.shape)} and {tuple(b.shape)}")
     ra, rb = _average_ranks(a.detach().double()), _average_ranks(b.detach().double())
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     denom = (ra.square().sum(1) * rb.square().sum(1)).sqrt()
-    defined = denom > 0
-    if not defined.any():
-        return float("nan")
-    rho = (ra * rb).sum(1)[defined] / denom[defined]
-    return rho.mean().item()
+    return torch.where(denom > 0, (ra * rb).sum(1) / denom.clamp_min(1e-300), torch.nan)
+
+
+def rowwise_spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the Spearman correlation of a[i] and b[i] ([B, L] each).
+
+    Rows where either side is constant have no correlation and are left out; NaN if every row is constant.
+    """
+    rho = spearman_per_row(a, b)
+    defined = ~rho.isnan()
+    return rho[defined].mean().item() if defined.any() else float("nan")
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,6 +25,18 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.AdamW
                              fused=True)
 
 
+@torch.no_grad()
+def clip_grad_per_param_(params, max_norm: float) -> None:
+    """DINO's ``clip_gradients`` (DropPos's default): each parameter's gradient is scaled by
+    ``min(1, max_norm / (norm + 1e-6))`` with its *own* L2 norm, instead of one coefficient from the global
+    norm. No host sync: the coefficients stay on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0).to(g.dtype) for n, g in zip(norms, grads)])
+
+
 def base_lr(optim_cfg, effective_batch: int) -> float:
     """``lr = blr * effective_batch / 256`` unless an absolute lr is given."""
     return optim_cfg.lr if optim_cfg.lr is not None else optim_cfg.blr * effective_batch / 256

@@ -19,6 +19,10 @@ MIN_CELL = 96  # smallest cell side in pixels
 PAD = 4  # gap between cells and around the grid
 TITLE_HEIGHT = 16  # band above the first row for the column titles
 MASK_RGB = (0.42, 0.47, 0.58)  # masked patches: a bluish grey, told apart from gray pixels of gray images
+HARD_RGB = (0.93, 0.45, 0.13)  # masked patches chosen as hard (HPM): orange
+HEADER_HEIGHT = 16  # a caption line above the column titles
+LABEL_WIDTH = 56  # left margin for per-row notes
+COLORBAR_HEIGHT = 28  # a viridis bar with its labels under the grid
 MISSING_RGB = (128, 128, 128)  # heat-map colour of non-finite values (e.g. no loss at a visible patch)
 # viridis at 0, 1/8, ..., 1 (perceptually uniform, readable in grayscale); interpolated linearly in between
 VIRIDIS_ANCHORS = np.array([
@@ -28,10 +32,14 @@ VIRIDIS_ANCHORS = np.array([
 Scalars = float | Sequence[float] | None
 
 
-def panel_size(num_cols: int, num_rows: int, height: int, width: int) -> tuple[int, int]:
-    """(width, height) in pixels of a figure with cells of images height x width."""
+def panel_size(num_cols: int, num_rows: int, height: int, width: int, *, header: bool = False,
+               row_labels: bool = False, colorbar: bool = False) -> tuple[int, int]:
+    """(width, height) in pixels of a figure with cells of images height x width (and the optional caption
+    line, per-row notes on the left, colour bar at the bottom)."""
     scale = _scale(height, width)
-    return PAD + num_cols * (width * scale + PAD), TITLE_HEIGHT + PAD + num_rows * (height * scale + PAD)
+    w = (LABEL_WIDTH if row_labels else 0) + PAD + num_cols * (width * scale + PAD)
+    h = (HEADER_HEIGHT if header else 0) + TITLE_HEIGHT + PAD + num_rows * (height * scale + PAD)
+    return w, h + (COLORBAR_HEIGHT if colorbar else 0)
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -116,22 +124,49 @@ def _prepare(imgs, mask, recon, patch_size, mean, std, max_images):
     return imgs, mask, recon, masked, pasted, grid_h, grid_w
 
 
-def _save_grid(path, titles: list[str], columns: list[np.ndarray]) -> Path:
-    """columns: uint8 [N, H, W, 3] each; one row per image, a title per column. Returns the path."""
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, font) -> str:
+    while text and draw.textlength(text, font=font) > width:
+        text = text[:-1]
+    return text
+
+
+def _save_grid(path, titles: list[str], columns: list[np.ndarray], *, header: str | None = None,
+               row_labels: Sequence[str] | None = None, colorbar: str | None = None) -> Path:
+    """columns: uint8 [N, H, W, 3] each; one row per image, a title per column; optionally a caption line
+    (``header``), a note left of each row and a viridis colour bar captioned ``colorbar``. Returns the path."""
     num_rows, height, width = columns[0].shape[:3]
     scale = _scale(height, width)
     cell_w, cell_h = width * scale, height * scale
-    canvas = Image.new("RGB", panel_size(len(columns), num_rows, height, width), (255, 255, 255))
+    size = panel_size(len(columns), num_rows, height, width, header=header is not None,
+                      row_labels=row_labels is not None, colorbar=colorbar is not None)
+    canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    left = LABEL_WIDTH if row_labels is not None else 0
+    top = 0
+    if header is not None:
+        draw.text((PAD, 2), _fit(draw, header, size[0] - 2 * PAD, font), fill=(0, 0, 0), font=font)
+        top = HEADER_HEIGHT
     for col, (title, cells) in enumerate(zip(titles, columns)):
-        x = PAD + col * (cell_w + PAD)
-        while title and draw.textlength(title, font=font) > cell_w:
-            title = title[:-1]
-        draw.text((x + (cell_w - draw.textlength(title, font=font)) / 2, 2), title, fill=(0, 0, 0), font=font)
+        x = left + PAD + col * (cell_w + PAD)
+        title = _fit(draw, title, cell_w, font)
+        draw.text((x + (cell_w - draw.textlength(title, font=font)) / 2, top + 2), title, fill=(0, 0, 0), font=font)
         for row in range(num_rows):
             cell = Image.fromarray(cells[row]).resize((cell_w, cell_h), Image.Resampling.NEAREST)
-            canvas.paste(cell, (x, TITLE_HEIGHT + PAD + row * (cell_h + PAD)))
+            canvas.paste(cell, (x, top + TITLE_HEIGHT + PAD + row * (cell_h + PAD)))
+    for row, note in enumerate(row_labels or ()):
+        y = top + TITLE_HEIGHT + PAD + row * (cell_h + PAD) + cell_h // 2 - 5
+        draw.text((PAD, y), _fit(draw, note, LABEL_WIDTH - PAD, font), fill=(0, 0, 0), font=font)
+    if colorbar is not None:
+        y0 = size[1] - COLORBAR_HEIGHT + 4
+        bar_w = min(256, size[0] - left - 2 * PAD)
+        ramp = colormap(np.linspace(0.0, 1.0, bar_w))[None].repeat(8, axis=0)
+        canvas.paste(Image.fromarray(ramp), (left + PAD, y0))
+        draw.text((left + PAD, y0 + 10), "low", fill=(0, 0, 0), font=font)
+        draw.text((left + PAD + bar_w - draw.textlength("high", font=font), y0 + 10), "high", fill=(0, 0, 0),
+                  font=font)
+        draw.text((left + 2 * PAD + bar_w, y0), _fit(draw, colorbar, size[0] - bar_w - left - 3 * PAD, font),
+                  fill=(0, 0, 0), font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path, format="PNG")
@@ -154,19 +189,67 @@ def save_reconstructions(path, imgs: torch.Tensor, mask: torch.Tensor, recon: to
 
 def save_hpm_panel(path, imgs: torch.Tensor, mask: torch.Tensor, pred_score: torch.Tensor,
                    true_loss: torch.Tensor, recon: torch.Tensor, patch_size: int, mean: Scalars = None,
-                   std: Scalars = None, max_images: int = 8) -> Path:
-    """Grid of image | chosen mask | teacher's predicted loss | actual per-patch loss | reconstruction.
+                   std: Scalars = None, max_images: int = 8, *, hard: torch.Tensor | None = None,
+                   caption: str | None = None, row_labels: Sequence[str] | None = None) -> Path:
+    """Grid of image | mask (hard patches orange, random ones grey) | teacher's predicted loss | actual loss on
+    the masked patches (visible ones grey: the decoder is not trained there) | reconstruction | reconstruction
+    with the visible patches pasted; a caption, per-row notes and a colour bar.
 
-    Heat maps are min-max normalised per image (viridis: dark = easy, yellow = hard); non-finite entries of
-    `true_loss` (e.g. patches whose loss was not computed) are grey.
+    Heat maps are min-max normalised per image (viridis: dark = easy, yellow = hard).
 
     Args:
-        pred_score, true_loss: [N, L] per-patch values; the other arguments as in `save_reconstructions`.
+        pred_score, true_loss: [N, L] per-patch values; ``hard``: [N, L] bool, the masked patches chosen as
+        hard; the other arguments as in `save_reconstructions`.
     """
-    for name, values in (("pred_score", pred_score), ("true_loss", true_loss)):
-        if values.shape != mask.shape:
+    for name, values in (("pred_score", pred_score), ("true_loss", true_loss), ("hard", hard)):
+        if values is not None and values.shape != mask.shape:
             raise ValueError(f"{name} must be [N, L] like mask {tuple(mask.shape)}, got {tuple(values.shape)}")
-    imgs, mask, _, masked, pasted, grid_h, grid_w = _prepare(imgs, mask, recon, patch_size, mean, std, max_images)
-    maps = [_heat_map(values[:max_images], grid_h, grid_w, patch_size) for values in (pred_score, true_loss)]
-    return _save_grid(path, ["image", "mask", "predicted loss", "actual loss", "recon"],
-                      [_to_rgb_uint8(imgs), _to_rgb_uint8(masked), *maps, _to_rgb_uint8(pasted)])
+    imgs, mask, recon, masked, pasted, grid_h, grid_w = _prepare(imgs, mask, recon, patch_size, mean, std,
+                                                                 max_images)
+    if hard is not None:
+        pixel_hard = _patch_map(hard[:max_images].detach().bool().cpu(), grid_h, grid_w, patch_size)[:, None]
+        masked = torch.where(pixel_hard, torch.tensor(HARD_RGB).view(1, 3, 1, 1), masked)
+    actual = torch.where(mask, true_loss[:max_images].detach().float().cpu(), torch.tensor(float("nan")))
+    maps = [_heat_map(values, grid_h, grid_w, patch_size) for values in (pred_score[:max_images], actual)]
+    titles = ["image", "mask (hard: orange)", "predicted loss", "actual loss, masked", "recon", "recon+visible"]
+    return _save_grid(path, titles, [_to_rgb_uint8(imgs), _to_rgb_uint8(masked), *maps, _to_rgb_uint8(recon),
+                                     _to_rgb_uint8(pasted)],
+                      header=caption, row_labels=None if row_labels is None else list(row_labels)[:max_images],
+                      colorbar="per image: dark = easy, yellow = hard; grey = not shown")
+
+
+def save_position_map(path, frequency: torch.Tensor, mean_score: torch.Tensor, grid: int, caption: str) -> Path:
+    """Where hard patches fall over a held-out set: how often each position was chosen as hard, beside the
+    mean predicted-loss map (a map that looks the same as every image's says the scores are positional)."""
+    maps = [_heat_map(values.reshape(1, -1), grid, grid, 1) for values in (frequency, mean_score)]
+    return _save_grid(path, ["chosen as hard", "mean predicted loss"], maps, header=caption,
+                      colorbar="min-max over positions")
+
+
+def save_order_panel(path, imgs: torch.Tensor, order: torch.Tensor, recon: torch.Tensor, patch_size: int,
+                     attention: torch.Tensor | None = None, target: torch.Tensor | None = None,
+                     max_images: int = 8) -> Path:
+    """Grid of image | prediction order | [attention map] | [target] | reconstruction (autoregressive models).
+
+    The order is a heat map of each patch's rank in the autoregression (dark = predicted first); the attention
+    map (the semantic score the order was derived from) is min-max normalised per image like the order.
+
+    Args:
+        imgs, recon, target: [N, C, H, W] (C = 1 or 3), shown min-max stretched by each original image.
+        order, attention: [N, L] per-patch values, patches in raster order.
+    """
+    grid_h, grid_w = _check(imgs, torch.zeros(order.shape, dtype=torch.bool), recon, patch_size)
+    pictures = [recon] if target is None else [recon, target]
+    imgs, *pictures = (t[:max_images].detach().float().cpu() for t in (imgs, *pictures))
+    imgs, *pictures = (x.expand(-1, 3, -1, -1) for x in _displayable(imgs, pictures, None, None))
+    titles = ["image", "order"]
+    columns = [_to_rgb_uint8(imgs), _heat_map(order[:max_images], grid_h, grid_w, patch_size)]
+    if attention is not None:
+        titles.append("attention")
+        columns.append(_heat_map(attention[:max_images], grid_h, grid_w, patch_size))
+    if target is not None:
+        titles.append("target")
+        columns.append(_to_rgb_uint8(pictures[1]))
+    titles.append("recon")
+    columns.append(_to_rgb_uint8(pictures[0]))
+    return _save_grid(path, titles, columns)

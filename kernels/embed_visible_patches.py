@@ -51,10 +51,13 @@ def embed_visible_patches_ref(imgs, ids_keep, weight, bias, pos_embed, patch_siz
 #
 # Backward (dout = dL/dout, [B*K, D]):
 #   dW    = dout^T @ A          (A re-gathered from the image by _embed_visible_patches_gather_kernel, torch mm)
-#   dpos  = sum over b of dout[b, k] at position ids_keep[b, k]: _embed_visible_patches_bwd_kernel walks
-#           positions through the inverse map and loops over the batch in order, so every dpos element is
-#           one fp32 sum in a fixed order (deterministic, no atomics; index_add_ would use float atomics).
-#   dbias = sum of all dout rows = sum over positions of the fp32 dpos (computed for it if pos is frozen).
+#   dpos  = sum over b of dout[b, k] at position ids_keep[b, k], only for a learnable table (MAE's sin-cos
+#           pos_embed is a frozen buffer: no dpos at all). _embed_visible_patches_bwd_kernel walks positions
+#           through the inverse map; the batch is split into chunks (grid axis 2) so that the launch fills the
+#           GPU (one chunk per program, in order), and the fp32 partials [S, L, D] are summed over S by torch:
+#           a fixed order (deterministic, no atomics; index_add_ would use float atomics).
+#   dbias = sum of all dout rows: a plain fp32 column reduction of dout when pos is frozen (bandwidth-bound,
+#           no inverse map), else the sum over positions of the fp32 dpos.
 #   dimgs = (dout @ Wm^T) put back at the visible patches, zero elsewhere (gather_tokens' backward op,
 #           then a permute back to NCHW).
 
@@ -115,23 +118,29 @@ def _embed_visible_patches_gather_kernel(
 
 
 @triton.jit
-def _embed_visible_patches_bwd_kernel(dout_ptr, inv_ptr, dpos_ptr, batch_size, num_patches, num_keep, dim,
-                                      stride_ob, stride_ok, stride_od,
+def _embed_visible_patches_bwd_kernel(dout_ptr, inv_ptr, dpos_ptr, batch_size, batch_chunk, num_patches, num_keep,
+                                      dim, stride_ob, stride_ok, stride_od,
                                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dpos[l] = sum over b of dout[b, inv[b, l]] (visible positions only), fp32, batch in order."""
+    """dpos[s, l] = sum over b in chunk s of dout[b, inv[b, l]] (visible positions only), fp32, batch in order."""
     pos = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(2)
     pos_ok = pos < num_patches
     col_ok = cols < dim
+    first = split * batch_chunk
+    steps = tl.minimum(batch_chunk, batch_size - first)
+    inv_ptr += first.to(tl.int64) * num_patches  # 64-bit pointers advance, rather than b * stride in int32
+    dout_ptr += first.to(tl.int64) * stride_ob
     acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
-    for _ in range(0, batch_size):  # advance 64-bit pointers rather than index with b * stride (int32)
+    for _ in range(0, steps):
         k = tl.load(inv_ptr + pos, mask=pos_ok, other=-1)
         src = dout_ptr + k.to(tl.int64)[:, None] * stride_ok + cols[None, :] * stride_od
         grad = tl.load(src, mask=(k >= 0)[:, None] & col_ok[None, :], other=0.0)
         acc += grad.to(tl.float32)
         inv_ptr += num_patches
         dout_ptr += stride_ob
-    tl.store(dpos_ptr + pos[:, None] * dim + cols[None, :], acc, mask=pos_ok[:, None] & col_ok[None, :])
+    out = dpos_ptr + split.to(tl.int64) * num_patches * dim + pos[:, None] * dim + cols[None, :]
+    tl.store(out, acc, mask=pos_ok[:, None] & col_ok[None, :])
 
 
 def _matmul_precision(dtype: torch.dtype) -> str:
@@ -197,18 +206,33 @@ _gather_patches_op = define(
     fake=lambda imgs, ids_keep, p: imgs.new_empty((imgs.shape[0] * ids_keep.shape[1], imgs.shape[1] * p * p)))
 
 
+# programs the dpos launch aims at: None = 4 per SM on a GPU (a handful under the interpreter)
+_DPOS_PROGRAMS: Optional[int] = None
+
+
+def _dpos_splits(batch: int, tiles: int, device: torch.device) -> tuple[int, int]:
+    """(chunks S, batch rows per chunk): enough programs to fill the device, every chunk non-empty."""
+    target = _DPOS_PROGRAMS
+    if target is None:
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    chunk = triton.cdiv(batch, max(1, min(batch, triton.cdiv(target, tiles))))
+    return triton.cdiv(batch, chunk), chunk
+
+
 def _pos_grad(dout: torch.Tensor, ids_keep: torch.Tensor, num_patches: int) -> torch.Tensor:
     """[L, D] fp32: dpos[l] = sum over the batch of dout[b, k] with ids_keep[b, k] == l."""
     batch, num_keep, dim = dout.shape
-    dpos = _alloc((num_patches, dim), dtype=torch.float32, device=dout.device)
-    if dpos.numel() == 0:
-        return dpos
+    if batch == 0 or num_patches == 0 or dim == 0:
+        return torch.zeros((num_patches, dim), dtype=torch.float32, device=dout.device)
     inverse = inverse_positions(ids_keep, num_patches)
     block_l, block_d = 8, min(128, triton.next_power_of_2(dim))
-    _embed_visible_patches_bwd_kernel[(triton.cdiv(num_patches, block_l), triton.cdiv(dim, block_d))](
-        dout, inverse, dpos, batch, num_patches, num_keep, dim, *dout.stride(),
+    grid = (triton.cdiv(num_patches, block_l), triton.cdiv(dim, block_d))
+    splits, chunk = _dpos_splits(batch, grid[0] * grid[1], dout.device)
+    dpos = _alloc((splits, num_patches, dim), dtype=torch.float32, device=dout.device)
+    _embed_visible_patches_bwd_kernel[(*grid, splits)](
+        dout, inverse, dpos, batch, chunk, num_patches, num_keep, dim, *dout.stride(),
         BLOCK_L=block_l, BLOCK_D=block_d, num_warps=4)
-    return dpos
+    return dpos[0] if splits == 1 else dpos.sum(0)
 
 
 _pos_grad_op = define(
@@ -235,12 +259,13 @@ def _backward(ctx, grad):
     if need_weight:
         patches = _gather_patches_op(imgs, ids_keep, p)
         dweight = (grad_rows.t().to(patches.dtype) @ patches).reshape(weight.shape).to(weight.dtype)
-    if need_pos or need_bias:
+    if need_pos:  # a learnable table
         dpos32 = _pos_grad_op(grad, ids_keep, num_patches)
-        if need_pos:
-            dpos = dpos32.reshape(ctx.pos_shape).to(ctx.pos_dtype)
+        dpos = dpos32.reshape(ctx.pos_shape).to(ctx.pos_dtype)
         if need_bias:
             dbias = dpos32.sum(0).to(ctx.bias_dtype)
+    elif need_bias:  # a frozen pos_embed (MAE's): no dpos, the bias gradient is a column sum of dout
+        dbias = grad_rows.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     if need_imgs:
         dpatches = (grad_rows.to(weight.dtype) @ weight.reshape(dim, -1)).reshape(batch, -1, channels * p * p)
         grid_h, grid_w = height // p, width // p

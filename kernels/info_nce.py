@@ -253,7 +253,26 @@ def _interpret_blocks(num_rows: int, num_cols: int) -> tuple[int, int]:
     return (16 if num_rows <= 64 else 32), (16 if num_cols <= 64 else 32)
 
 
-def _gpu_configs(kind: str, block_d: int) -> list:
+# Shared memory one block may use on sm_90 (H100/H200): 227 KB. A config beyond it fails at launch (the autotuner
+# then skips it, after compiling it: minutes of cold compiles for nothing), so none is offered.
+SHARED_MEMORY_LIMIT = 232448
+# wgmma (Hopper's tensor-core instruction) works on 64-row tiles per warpgroup: a config with BLOCK_M < 64 is
+# lowered to Ampere's mma.sync on sm_90 and is offered only where no 64-row config fits.
+WGMMA_MIN_ROWS = 64
+
+
+def shared_bytes(kind: str, block_m: int, block_n: int, block_d: int, num_stages: int, elsize: int) -> int:
+    """Shared memory of a config, as Triton 3.6-3.9 lay it out for sm_90 (checked by ``make aot-check``): the A
+    tile, max(1, stages - 1) buffers of B tiles and, in the backward, the W tile of the second dot."""
+    tiles = block_m * block_d + max(1, num_stages - 1) * block_n * block_d
+    if kind == "bwd":
+        tiles += block_m * block_n
+    return tiles * elsize
+
+
+def _gpu_configs(kind: str, block_d: int, elsize: int = 2) -> list:
+    """The autotuning configs for rows of ``block_d`` values of ``elsize`` bytes: those that fit in shared memory,
+    and among them only wgmma-sized ones where any fits (empty: Triton cannot serve this width and dtype)."""
     if kind == "fwd":  # holds a [BLOCK_M, BLOCK_D] tile of A and streams [BLOCK_N, BLOCK_D] tiles of B
         shapes = [(128, 64), (128, 128), (64, 64), (64, 128)] if block_d <= 128 else \
             [(128, 64), (64, 64), (128, 32), (64, 32)] if block_d <= 256 else [(64, 32), (32, 32), (32, 64), (16, 32)]
@@ -262,19 +281,33 @@ def _gpu_configs(kind: str, block_d: int) -> list:
         shapes = list(dict.fromkeys([(block_m, 64), (block_m, 32), (max(16, block_m // 2), 64)]))
     # wide rows: fewer pipeline stages, so that the B tiles still fit in shared memory
     warps_stages = ((4, 3), (8, 2)) if block_d <= 256 else ((4, 2), (8, 1))
+    fits = [(bm, bn, w, st) for bm, bn in shapes for w, st in warps_stages
+            if shared_bytes(kind, bm, bn, block_d, st, elsize) <= SHARED_MEMORY_LIMIT]
+    wgmma = [c for c in fits if c[0] >= WGMMA_MIN_ROWS]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn in shapes for w, st in warps_stages]
+            for bm, bn, w, st in (wgmma or fits)]
+
+
+def gpu_width_reason(dim: int, dtype: torch.dtype) -> Optional[str]:
+    """Why the GPU kernels cannot serve rows of ``dim`` values of ``dtype`` (no config fits), or None."""
+    elsize = torch.empty((), dtype=dtype).element_size()
+    for kind in ("fwd", "bwd"):
+        if not _gpu_configs(kind, _block_d(dim), elsize):
+            return (f"d={dim} in {str(dtype).replace('torch.', '')}: no {kind} tile of the Triton kernel fits "
+                    f"{SHARED_MEMORY_LIMIT // 1024} KB of shared memory")
+    return None
 
 
 _TUNED: dict = {}
 
 
-def _tuned(kind: str, block_d: int):
-    """The kernel autotuned over configs that suit ``block_d``, once per number of columns, flags and dtypes."""
-    key = (kind, block_d)
+def _tuned(kind: str, block_d: int, elsize: int):
+    """The kernel autotuned over configs that suit ``block_d`` and the element size, once per number of columns,
+    flags and dtypes."""
+    key = (kind, block_d, elsize)
     if key not in _TUNED:
         kernel = _info_nce_fwd_kernel if kind == "fwd" else _info_nce_bwd_kernel
-        _TUNED[key] = triton.autotune(configs=_gpu_configs(kind, block_d),
+        _TUNED[key] = triton.autotune(configs=_gpu_configs(kind, block_d, elsize),
                                       key=["num_cols", "HAS_SELF", "UPCAST", "PRECISION"])(kernel)
     return _TUNED[key]
 
@@ -287,7 +320,7 @@ def _launch(kind: str, num_rows: int, num_cols: int, dim: int, args: tuple, flag
         kernel[(triton.cdiv(num_rows, bm),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
     else:
         grid = lambda meta: (triton.cdiv(num_rows, meta["BLOCK_M"]),)  # noqa: E731
-        _tuned(kind, block_d)[grid](*args, **flags, BLOCK_D=block_d)
+        _tuned(kind, block_d, args[0].element_size())[grid](*args, **flags, BLOCK_D=block_d)
 
 
 def _flags(x: torch.Tensor, self_offset: Optional[int]) -> dict:
@@ -420,6 +453,8 @@ def triton_supports(device, a: torch.Tensor, b: torch.Tensor, *_) -> Optional[st
     why = triton_reason(device, a, b)
     if why is None and a.shape[1] > MAX_TRITON_DIM:
         why = f"d={a.shape[1]} > {MAX_TRITON_DIM} (the Triton kernel's limit)"
+    if why is None and device.type == "cuda":  # the interpreter has no shared memory to run out of
+        why = gpu_width_reason(a.shape[1], a.dtype)
     return why
 
 

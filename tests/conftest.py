@@ -42,7 +42,20 @@ def poison_allocations(monkeypatch):
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if os.environ.get("SSLPT_PEERS") != "1":   # tests/peers run in .venv-peers (make test-peers)
+        skip_peers = pytest.mark.skip(reason="runs in the peers environment: make test-peers")
+        for item in items:
+            if "peers" in item.keywords:
+                item.add_marker(skip_peers)
     if not torch.cuda.is_available():
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip_gpu)
+    max_dim = int(os.environ.get("SSLPT_GPU_MAX_DIM", "0") or 0)   # gpu_check's correctness call: small widths
+    if max_dim:
+        skip_wide = pytest.mark.skip(reason=f"width > SSLPT_GPU_MAX_DIM={max_dim} (cold autotuning takes minutes)")
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            if "gpu" in item.keywords and any(isinstance(params.get(name), int) and params[name] > max_dim
+                                              for name in ("d", "dim", "head_dim")):
+                item.add_marker(skip_wide)

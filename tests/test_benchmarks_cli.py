@@ -149,3 +149,43 @@ def test_gpu_check_cpu_smoke_writes_table_and_json(tmp_path):
     text = (out / "gpu_check.md").read_text()
     assert text.startswith("## ") and "torch " + data["meta"]["torch"] in text
     assert "| train_step_tiny | ok |" in text and "### train_step_tiny" in text
+
+
+# ---- the GPU check as two device calls -----------------------------------------------------------------------
+
+CALL_LIMIT_S = 360  # a lent GPU call: 6 minutes, the machine's start and the copy back included
+
+
+@pytest.mark.parametrize("call", ["correctness", "speed"])
+def test_each_call_fits_six_minutes_on_a_fake_clock(call, capsys):
+    """Every stage running to its own timeout (the worst case) still ends within the call's budget."""
+    assert gpu_check.main(["--call", call, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    total = float(text.split("at most ")[1].split(" s")[0])
+    assert total <= gpu_check.DEFAULT_CALL_BUDGET_S < CALL_LIMIT_S
+    stages = gpu_check.call_stages(call, ["tests"])
+    for stage in stages:  # every stage listed with its budget
+        assert f"| {stage.name} | " in text
+    if call == "correctness":
+        assert [s.name for s in stages] == ["cuda_extension", "gpu_tests"]
+        assert stages[1].env["SSLPT_GPU_MAX_DIM"] == "256"
+    else:  # the rows that decide the targets come right after the roofline, our kernels before the baselines
+        names = [s.name for s in stages]
+        assert names[0] == "roofline" and all(n.startswith("target_") for n in names[1:5])
+        assert names.index("train_step_compile") == len(names) - 1
+        for stage in stages[1:5]:
+            assert stage.env["BENCH_PROVIDERS"].split(",")[0] == "triton"
+
+
+def test_dry_run_with_a_short_budget_skips_the_last_stages(capsys):
+    assert gpu_check.main(["--call", "speed", "--dry-run", "--budget", "120"]) == 0
+    text = capsys.readouterr().out
+    assert "| target_embed | 20 s |" in text and "skipped (budget spent)" in text
+
+
+def test_provider_and_case_selection(roofline_file, monkeypatch):
+    monkeypatch.setenv("BENCH_PROVIDERS", "unavailable,ok")
+    rows = bench("toy", "N64", _providers(), device="cpu", warmup=0, rep=1, modes=("fwd",), measure_memory=False)
+    assert [r.provider for r in rows] == ["unavailable", "ok"]          # listed ones only, in the listed order
+    monkeypatch.setenv("BENCH_CASES", "N65536")
+    assert bench("toy", "N64", _providers(), device="cpu", warmup=0, rep=1, modes=("fwd",)) == []

@@ -69,7 +69,10 @@ def test_pretrain_probe_resume_end_to_end(tmp_path):
     assert probe["shots"] == 5 and 0.0 < probe["few_shot_mean_random"] <= 1.0
     assert "linear probe, 5 labels/class, mean" in out.stdout
     pictures = sorted(p.name for p in (run_dir / "pictures").iterdir())   # after epoch 1 and at the end
-    assert pictures == ["hpm_epoch0001.png", "hpm_epoch0002.png", "recon_epoch0001.png", "recon_epoch0002.png"]
+    assert pictures == ["hard_positions_epoch0001.png", "hard_positions_epoch0002.png", "hpm_epoch0001.png",
+                        "hpm_epoch0002.png", "recon_epoch0001.png", "recon_epoch0002.png"]
+    assert (run_dir / "curves.png").is_file()
+    assert probe["objective"] == "hpm" and "L-BFGS" in probe["protocol"]["linear"]
     out = run_cli("resume", str(run_dir), "--set", "train.epochs=3", "--set", "train.probe=false")
     assert out.returncode == 0, out.stderr
     assert "epoch 3/3" in out.stderr

@@ -33,7 +33,16 @@ def test_overrides_are_typed():
     ("trian.epochs=3", "unknown config key trian"),
     ("train.epochs=three", "train.epochs must be an integer"),
     ("train.epochs=2.5", "train.epochs must be an integer"),
-    ("objective.hpm.mask_ratio=1.2", "objective.hpm.mask_ratio must be in [0, 1)"),
+    ("objective.hpm.mask_ratio=1.2", "objective.hpm.mask_ratio must be in (0, 1)"),
+    # values that validated but could not train (issue: never lose the last good state, item 10)
+    ("objective.hpm.mask_ratio=0", "objective.hpm.mask_ratio must be in (0, 1), got 0.0: with no masked patch"),
+    ("optim.blr=inf", "optim.blr must be a finite number, got inf"),
+    ("optim.lr=nan", "optim.lr must be a finite number"),
+    # run folders outside out_dir (item 8) and data the model cannot take (item 9)
+    ("train.run_name=../../x", "train.run_name='../../x' has a '..' component"),
+    ("train.run_name=/tmp/elsewhere", "train.run_name='/tmp/elsewhere' is an absolute path"),
+    ("model.in_chans=2", "model.in_chans=2 does not fit data.name='digits'"),
+    ("model.img_size=4", "model.img_size=4 is smaller than the 8x8 digits images"),
     ("objective.hpm.mask_ratio=0.95", "leaves no visible patch"),
     ("model.patch_size=3", "model.patch_size=3 must divide model.img_size=8"),
     ("objective.hpm.alpha_T=1.5", "objective.hpm.alpha_T must be in [0, 1]"),
@@ -71,3 +80,9 @@ def test_resolved_config_round_trips(tmp_path):
     # None fields are omitted and come back as their default
     assert load_config(tmp_path / "config.toml").optim.clip_grad is None
     assert Config().validate().objective.name == "hpm"
+
+
+def test_mae_refuses_mask_ratio_zero():
+    with pytest.raises(ConfigError, match=r"objective\.mae\.mask_ratio must be in \(0, 1\), got 0.0"):
+        load_config("mae_digits", ["objective.mae.mask_ratio=0"])
+    assert load_config("hpm_digits", ["train.run_name=group/run-1"]).train.run_name == "group/run-1"

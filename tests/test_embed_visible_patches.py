@@ -96,6 +96,35 @@ def test_no_bias_frozen_pos_and_strided_image(index_dtype):
     assert pos.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 3, 8, 12, 4, 40, 5), (1, 1, 9, 9, 3, 1000, 2), (5, 3, 4, 4, 2, 8, 4)])
+def test_frozen_pos_bias_grad_is_a_plain_reduction(shape, dtype, monkeypatch):
+    """MAE's case (frozen pos_embed, learnable bias): dbias without the position-gradient kernel."""
+    module = MODULES[0]
+
+    def no_dpos(*args):
+        raise AssertionError("the position gradient must not be computed for a frozen pos_embed")
+
+    monkeypatch.setattr(module, "_pos_grad_op", no_dpos)
+    batch, channels, height, width, patch, dim, num_keep = shape
+    imgs, weight, bias, pos = make_inputs(batch, channels, height, width, patch, dim, dtype, pos_grad=False)
+    ids = random_ids(batch, (height // patch) * (width // patch), num_keep)
+    check_against_reference(imgs.detach(), ids, weight, bias, pos, patch, dtype)
+
+
+@pytest.mark.parametrize("programs", [1, 3, 10_000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_learnable_pos_grad_split_over_the_batch(programs, dtype, monkeypatch):
+    """A learnable table: dpos is summed over batch chunks (7 rows: uneven chunks), partials poisoned."""
+    module = MODULES[0]
+    monkeypatch.setattr(module, "_DPOS_PROGRAMS", programs)
+    splits, chunk = module._dpos_splits(7, 2, torch.device(DEVICE))
+    assert (splits - 1) * chunk < 7 <= splits * chunk and splits == min(7, max(1, -(-programs // 2)))
+    imgs, weight, bias, pos = make_inputs(7, 3, 8, 8, 2, 136, dtype)
+    ids = random_ids(7, 16, 11)
+    check_against_reference(imgs, ids, weight, bias, pos, 2, dtype)
+
+
 def test_gradients_only_where_needed():
     """imgs without requires_grad (the usual case) and a learnable pos_embed."""
     imgs, weight, bias, pos = make_inputs(2, 3, 8, 8, 2, 16, torch.float32)

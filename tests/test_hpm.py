@@ -91,3 +91,23 @@ def test_loss_predictor_scores_are_fp32_under_bf16_autocast():
     distinct = [row.unique().numel() for row in scores]
     assert distinct == [64] * 4, distinct                                         # no ties left
     assert min(row.unique().numel() for row in low) < 64                            # ties the fp32 head removes
+
+
+def test_evaluation_panel_shows_the_mask_hpm_draws_this_epoch():
+    from sslpt.kernels import hard_patch_masking
+
+    hpm = build_objective(tiny_cfg(**{"objective.hpm.alpha_T": 1.0}))
+    imgs = torch.randn(6, 1, 8, 8)
+    hpm.on_epoch_start(ctx(2, torch.Generator()))
+    out = hpm.evaluate(imgs, torch.Generator().manual_seed(5))
+    k = hpm.num_hard(ctx(2, torch.Generator()))
+    assert k > 0 and out.metrics["num_hard"] == k
+    g = torch.Generator().manual_seed(5)
+    hpm.eval_masking(imgs, g)   # the metrics' random mask comes first from the same stream
+    expected = hard_patch_masking(hpm.teacher_scores(imgs), hpm.mask_ratio, k, generator=g)
+    assert torch.equal(out.mask, expected.mask)
+    # the hard patches marked in the panel are the teacher's k highest-scored, all masked
+    top = torch.topk(hpm.teacher_scores(imgs), k, dim=1).indices
+    assert torch.equal(out.hard_mask, torch.zeros_like(out.hard_mask).scatter_(1, top, True))
+    assert (out.hard_mask <= out.mask).all() and len(out.row_notes) == 6 and "K=" in out.caption
+    assert set(out.pictures) == {"hard_positions"}

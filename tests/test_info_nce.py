@@ -172,3 +172,37 @@ def test_benchmark_smoke():
         names = {r.provider for r in rows if r.family == family}
         assert names == set(PROVIDERS), (family, names)
     assert all(r.ms > 0 for r in rows if r.provider in ("reference", "chunked", "triton"))
+
+
+# ---- GPU autotuning configs: sized for sm_90 (checked by compiling them: make aot-check) ----------------------
+
+def test_gpu_configs_fit_shared_memory_and_prefer_wgmma():
+    import importlib
+
+    m = importlib.import_module("sslpt.kernels.info_nce")
+    for dim in (16, 64, 128, 256, 512, 1000, 2048):
+        for elsize in (2, 4):
+            for kind in ("fwd", "bwd"):
+                configs = m._gpu_configs(kind, m._block_d(dim), elsize)
+                sizes = [m.shared_bytes(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], m._block_d(dim), c.num_stages,
+                                        elsize) for c in configs]
+                assert all(size <= m.SHARED_MEMORY_LIMIT for size in sizes)
+                rows = {c.kwargs["BLOCK_M"] for c in configs}
+                assert rows and (min(rows) >= m.WGMMA_MIN_ROWS or max(rows) < m.WGMMA_MIN_ROWS) or \
+                    (dim, elsize) == (2048, 4)
+    # the case: d = 1000 fp32 offered 8 forward configs, 6 of them beyond 227 KB
+    assert len(m._gpu_configs("fwd", 1024, 4)) == 2
+    assert all(c.kwargs["BLOCK_M"] >= 64 for c in m._gpu_configs("fwd", 1024, 2))   # bf16: wgmma tiles fit
+    assert m.gpu_width_reason(1000, torch.float32) is None
+    why = m.gpu_width_reason(2048, torch.float32)
+    assert "d=2048 in float32" in why and "227 KB" in why
+
+
+def test_auto_skips_triton_where_no_gpu_config_fits():
+    from sslpt.kernels._backend import choose
+
+    pytest.importorskip("triton")
+    q = torch.empty(8, 2048, device="meta")   # what a CUDA call would get: only shapes and dtypes are read
+    choice = choose("info_nce", "auto", "cuda", q, q, 0.1, True, False, None)
+    assert choice.name == "reference" and "227 KB" in choice.skipped["triton"]
+    assert choose("info_nce", "auto", "cuda", q.bfloat16(), q.bfloat16(), 0.1, True, False, None).name == "triton"

@@ -38,7 +38,7 @@ def _check_against_reference(pred, target, mask, norm_pix=True, eps=1e-6):
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(per_patch, ref_per_patch, atol=1e-5, rtol=1e-5)
     assert pred.grad.dtype == pred.dtype
-    # diff is stored in pred's dtype and rescaled: up to two roundings to the low precision
+    # the gradient is rounded once to pred's dtype (the CUDA path: diff stored in it, then rescaled: twice)
     torch.testing.assert_close(pred.grad.float(), ref_pred.grad, atol=2 * atol * ref_pred.grad.abs().max(),
                                rtol=2 * rtol)
 
@@ -185,7 +185,86 @@ def test_triton_without_grad_and_deterministic():
 
 def test_custom_op_registration():
     pred, target, mask = _inputs(2, 3, 8, torch.float32)
-    torch.library.opcheck(_patch_loss_op, (pred.requires_grad_(), target, mask, True, 1e-6, True))
+    torch.library.opcheck(_patch_loss_op, (pred.requires_grad_(), target, mask, True, 1e-6, 0))
+    imgs = torch.randn(2, 2, 2, 6)
+    torch.library.opcheck(_patch_loss_op, (pred, imgs, mask, True, 1e-6, 2))
+    torch.library.opcheck(patch_loss_module._patch_loss_bwd_op,
+                          (pred.detach(), imgs, mask, torch.tensor(1.5), torch.tensor(2.0), None, True, 1e-6, 2))
+
+
+# ---- targets read straight from the images ------------------------------------------------------
+
+def _image_inputs(batch, channels, height, width, patch, dtype, image_dtype=torch.float32):
+    num_patches, patch_dim = (height // patch) * (width // patch), channels * patch * patch
+    pred = torch.randn(batch, num_patches, patch_dim).to(dtype)
+    imgs = (torch.randn(batch, channels, height, width) * 2 + 0.5).to(image_dtype)
+    return pred, imgs, torch.rand(batch, num_patches) < 0.75
+
+
+def _check_image_target(pred, imgs, mask, patch, norm_pix=True):
+    """Triton reading the images against the reference on patchify(imgs), forward and backward."""
+    atol, rtol = TOLERANCES[pred.dtype]
+    grads, outs = [], []
+    grad_loss, grad_per_patch = torch.randn(()), torch.randn(mask.shape)
+    for target, kw, backend in ((imgs, {"patch_size": patch}, "triton"), (patchify(imgs, patch), {}, "reference"),
+                                (imgs, {"patch_size": patch}, "reference")):
+        x = (pred.detach() if backend == "triton" else pred.detach().float()).requires_grad_()
+        loss, per_patch = patch_loss(x, target, mask, norm_pix, **kw, backend=backend)
+        torch.autograd.backward((loss, per_patch), (grad_loss, grad_per_patch))
+        outs.append((loss, per_patch))
+        grads.append(x.grad)
+    for loss, per_patch in outs[1:]:
+        torch.testing.assert_close(outs[0][0], loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[0][1], per_patch, atol=1e-5, rtol=1e-5)
+    assert grads[0].dtype == pred.dtype and grads[0].shape == pred.shape
+    torch.testing.assert_close(grads[0].float(), grads[1], atol=2 * atol * grads[1].abs().max(), rtol=2 * rtol)
+    assert torch.equal(grads[1], grads[2])
+
+
+# (B, C, H, W, p): MAE's layout, a non-square grid of odd size, one channel, p = 3 (P = 27, not a power of 2)
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 4), (1, 3, 12, 20, 4), (3, 1, 9, 6, 3), (2, 3, 9, 9, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_targets_from_images(shape, dtype, poison_allocations):
+    batch, channels, height, width, patch = shape
+    _check_image_target(*_image_inputs(batch, channels, height, width, patch, dtype), patch)
+
+
+def test_triton_targets_from_strided_low_precision_images():
+    pred, imgs, mask = _image_inputs(2, 3, 8, 12, 4, torch.float32, torch.float16)
+    imgs = imgs.to(memory_format=torch.channels_last)
+    _check_image_target(pred, imgs, mask, 4)
+    crop = torch.randn(2, 3, 12, 16)[:, :, 2:10, 2:14]        # a crop: no dense layout at all
+    _check_image_target(pred, crop, mask, 4, norm_pix=False)
+
+
+def test_triton_targets_from_images_in_chunks(monkeypatch):
+    monkeypatch.setattr(patch_loss_module, "_MAX_SINGLE_BLOCK", 32)
+    monkeypatch.setattr(patch_loss_module, "_CHUNK", 16)
+    assert patch_loss_module._layout(75)[2] == 5
+    _check_image_target(*_image_inputs(2, 3, 10, 15, 5, torch.float32), 5)
+
+
+def test_triton_keeps_nothing_but_its_inputs_for_the_backward():
+    """No [B, L, P] buffer lives between forward and backward: only pred, target, mask and the count."""
+    pred, imgs, mask = _image_inputs(2, 3, 8, 8, 4, torch.float16)
+    pred.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss, _ = patch_loss(pred, imgs, mask, patch_size=4, backend="triton")
+    assert sum(t.numel() for t in saved) == pred.numel() + imgs.numel() + mask.numel() + 1
+    loss.backward()
+
+
+def test_image_target_errors():
+    pred, imgs, mask = _image_inputs(2, 3, 8, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="patchify to"):
+        patch_loss(pred, imgs[:, :2], mask, patch_size=4, backend="triton")
+    with pytest.raises(ValueError, match="must divide"):
+        patch_loss(pred, imgs[..., :7], mask, patch_size=4, backend="triton")
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        patch_loss(pred, imgs[0], mask, patch_size=4, backend="triton")
+    with pytest.raises(ValueError, match="patch_size"):
+        patch_loss(pred, imgs, mask, patch_size=0, backend="triton")
 
 
 def test_auto_backend_on_cpu_is_the_reference():

@@ -38,7 +38,7 @@ def test_short_run_learns(tmp_path, objective):
     train = [r for r in records if r["type"] == "train"]
     assert train[-1]["loss_rec"] < 0.8 * train[0]["loss_rec"]
     evals = [r for r in records if r["type"] == "eval"]
-    assert [r["epoch"] for r in evals] == [0, 2, 5]    # after epoch 1, then every 3
+    assert [r["epoch"] for r in evals] == [1, 3, 6]    # after epoch 1, then every 3 (epochs count from 1)
     assert (result.run_dir / "config.toml").is_file()
     assert len(list_checkpoints(result.run_dir)) == 2    # keep_checkpoints = 2
     assert (result.run_dir / "pictures" / "recon_epoch0006.png").is_file()
@@ -50,6 +50,12 @@ def test_short_run_learns(tmp_path, objective):
     if objective == "hpm":
         assert (result.run_dir / "pictures" / "hpm_epoch0006.png").is_file()
         assert "spearman_teacher" in evals[-1] and "loss_pred" in train[-1]
+        assert {"num_hard", "ema_decay", "mask_ratio", "skipped_steps", "skipped_images"} <= evals[-1].keys()
+    # curves.png is redrawn at each evaluation, one point per evaluation on the eval charts
+    from sslpt.engine.curves import series
+
+    assert (result.run_dir / "curves.png").is_file()
+    assert [x for x, _ in series(records, "eval", "val_loss_rec")] == [1.0, 3.0, 6.0]
 
 
 def model_state(run_dir, cfg):

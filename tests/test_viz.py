@@ -4,7 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sslpt.engine.viz import PAD, TITLE_HEIGHT, VIRIDIS_ANCHORS, colormap, panel_size, save_hpm_panel, save_reconstructions
+from sslpt.engine.viz import (HARD_RGB, MASK_RGB, PAD, TITLE_HEIGHT, VIRIDIS_ANCHORS, colormap, panel_size,
+                              save_hpm_panel, save_reconstructions)
 
 
 def _batch(n=3, channels=1, size=8, patch=2):
@@ -50,10 +51,30 @@ def test_hpm_panel_png(tmp_path):
     pred = torch.randn(2, 16)
     true_loss = torch.rand(2, 16)
     true_loss[~mask] = float("nan")  # loss known only where masked
-    path = save_hpm_panel(tmp_path / "hpm" / "panel.png", imgs, mask, pred, true_loss, recon, patch_size=4)
+    hard = mask & (torch.rand(2, 16) < 0.5)
+    path = save_hpm_panel(tmp_path / "hpm" / "panel.png", imgs, mask, pred, true_loss, recon, patch_size=4,
+                          hard=hard, caption="after epoch 3: K=2", row_labels=["rho 0.50", "rho 0.10"])
     with Image.open(path) as img:
         img.load()
-        assert img.size == panel_size(5, 2, 16, 16)
+        assert img.size == panel_size(6, 2, 16, 16, header=True, row_labels=True, colorbar=True)
+
+
+def test_hpm_panel_marks_hard_patches_and_greys_visible_losses(tmp_path):
+    """Column 2 shows hard patches in orange; column 4 (actual loss) is grey wherever the patch was visible."""
+    imgs = torch.zeros(1, 1, 4, 4)
+    mask = torch.tensor([[True, True, False, False]])
+    hard = torch.tensor([[True, False, False, False]])
+    loss = torch.tensor([[1.0, 2.0, 9.0, 9.0]])   # visible patches' losses must not be shown
+    path = save_hpm_panel(tmp_path / "p.png", imgs, mask, torch.rand(1, 4), loss, imgs, patch_size=2,
+                          mean=0.0, std=1.0, hard=hard)
+    pixels = np.asarray(Image.open(path))
+    cell = (panel_size(6, 1, 4, 4, colorbar=True)[0] - PAD) // 6 - PAD
+    y_top, y_bottom = TITLE_HEIGHT + PAD + cell // 4, TITLE_HEIGHT + PAD + 3 * cell // 4
+    col = lambda c, quarter: PAD + c * (cell + PAD) + quarter * cell // 4  # noqa: E731
+    assert tuple(pixels[y_top, col(1, 1)]) == tuple(round(255 * v) for v in HARD_RGB)     # hard: orange
+    assert tuple(pixels[y_top, col(1, 3)]) == tuple(round(255 * v) for v in MASK_RGB)     # random masked
+    assert tuple(pixels[y_bottom, col(3, 1)]) == (128, 128, 128)                          # visible: grey
+    assert tuple(pixels[y_top, col(3, 3)]) == tuple(VIRIDIS_ANCHORS[-1].astype(int))      # hardest masked
 
 
 def test_viz_errors():

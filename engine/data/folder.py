@@ -1,12 +1,17 @@
 """An image folder data set (class subfolders) with MAE's train transform and a standard eval transform.
 
 Layout: `root/<class>/**/<image>`; the label is the index of `<class>` among the sorted class folders. A root
-holding its images directly (and no class folders with images) is one class, label 0.
+holding its images directly (and no class folders with images) is one class, label 0 (unlabelled
+pre-training); a labelled split (`classes` given, e.g. a `val/` folder next to `train/`) must have the class
+folders: flat images there are refused, since every label would silently be 0.
 
-Robustness: PIL decodes lazily, so the full decode is forced inside the `try`. A file that fails to decode is
-skipped (the next index is used instead), counted in `num_skipped` and warned about once; 20 bad files in a row
-raise, since that means a broken data set rather than a few bad files. With DataLoader workers the count
-lives in the worker processes' copies of the data set.
+Robustness: PIL decodes lazily, so the full decode is forced inside the `try`. A file that fails to decode
+(any exception PIL or a codec raises, fuzzed files included) or has more than `max_image_pixels` pixels (a
+decompression bomb) is skipped and replaced by the next image of the same class; `sample_with_skips` reports
+the skipped paths so the caller can count them per epoch and warn once per file per run (the training loader
+does this in the main process, whatever the number of workers); `sample` counts them in `num_skipped` and warns
+once per file itself. 20 bad files in a row raise, since that means a broken data set rather than a few bad
+files. 16-bit images (PNG/TIFF `I;16`, `I`) are scaled by their bit depth, not clipped at 255.
 
 Determinism: each sample's crop and flip come from a numpy generator seeded with (seed, epoch, index): call
 `set_epoch` before each epoch (before a DataLoader iterator is created, as workers copy the data set), or use
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -30,6 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 MAX_CONSECUTIVE_FAILURES = 20
+MAX_IMAGE_PIXELS = 89_478_485   # PIL's own default: 1024 x 1024 x 1024 / 4 / 3
 EVAL_RESIZE_RATIO = 8 / 7  # resize the shorter side to 256 for a 224 crop, as the usual ImageNet evaluation
 
 
@@ -63,10 +69,39 @@ def find_samples(root: Path, classes: list[str] | None = None) -> tuple[list[str
             raise ValueError(f"{root}: class folders {unknown} are not among the expected classes {names}")
         samples = [(path, names.index(name)) for name in sorted(per_class) for path in per_class[name]]
         return names, samples
+    if direct and classes is not None:
+        raise ValueError(f"{root} holds {len(direct)} images directly, without class folders, but it is a labelled "
+                         f"split: the expected layout is {root}/<class>/<image> with the class folders of the train "
+                         f"split ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}); move each image "
+                         f"into its class folder (for ImageNet's flat val/, sort it by the ground-truth labels)")
     if direct:
-        return ([root.name] if classes is None else list(classes)), [(p, 0) for p in direct]
+        return [root.name], [(p, 0) for p in direct]
     raise ValueError(f"no images found in {str(root)!r} (looked for extensions {', '.join(IMG_EXTENSIONS)}, "
                      f"any case, directly or in class subfolders)")
+
+
+_warned: set[str] = set()   # files warned about in this process (a run): each is named once, whatever reads it
+
+
+def warn_skipped(skipped: list[tuple[str, str]]) -> None:
+    for path, why in skipped:
+        if path not in _warned:
+            _warned.add(path)
+            warnings.warn(f"skipping unreadable image {path}: {why} (replaced by an image of its class)",
+                          stacklevel=3)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16- and 32-bit integer images as 8-bit "L", scaled by their bit depth (PIL's convert clips at 255)."""
+    if img.mode.startswith("I;16"):
+        bits = 16
+    elif img.mode == "I":
+        bits = 16 if img.getextrema()[1] < 2 ** 16 else 32   # PNG/TIFF 16-bit data often opens as "I"
+    else:
+        return img
+    pixels = np.asarray(img).astype(np.float64)
+    scaled = np.clip(pixels, 0, 2 ** bits - 1) * (255 / (2 ** bits - 1))
+    return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")
 
 
 def random_resized_crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
@@ -103,11 +138,12 @@ class ImageFolder(torch.utils.data.Dataset):
         hflip: probability of a horizontal flip (train only).
         seed: base seed of the per-sample randomness.
         classes: fixed class names (label = position), e.g. the train split's classes for the val split.
+        max_image_pixels: images with more pixels are skipped (decompression bombs); PIL's cap is raised to match.
     """
 
     def __init__(self, root: str | os.PathLike, img_size: int, channels: int = 3, train: bool = True,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if img_size < 1:
@@ -121,7 +157,14 @@ class ImageFolder(torch.utils.data.Dataset):
         self.std = IMAGENET_STD if channels == 3 else GRAY_STD
         self.epoch = 0
         self.num_skipped = 0
-        self._warned: set[Path] = set()
+        self.max_image_pixels = max_image_pixels
+        by_class: dict[int, list[int]] = {}
+        for i, label in enumerate(self.targets):
+            by_class.setdefault(label, []).append(i)
+        self._same_class = [None] * len(self.samples)
+        for members in by_class.values():
+            for k, i in enumerate(members):
+                self._same_class[i] = (members, k)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -130,28 +173,44 @@ class ImageFolder(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _decode(self, path: Path) -> Image.Image:
-        with Image.open(path) as img:
-            return img.convert("RGB" if self.channels == 3 else "L")  # convert() forces the full decode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the limit below is the one used
+            if Image.MAX_IMAGE_PIXELS is not None and self.max_image_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+                Image.MAX_IMAGE_PIXELS = self.max_image_pixels // 2 + 1   # PIL refuses above twice its cap
+            with Image.open(path) as img:
+                if img.width * img.height > self.max_image_pixels:
+                    raise ValueError(f"{img.width} x {img.height} pixels exceed data.max_image_pixels="
+                                     f"{self.max_image_pixels}")
+                img = to_8bit(img)
+                return img.convert("RGB" if self.channels == 3 else "L")  # convert() forces the full decode
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.sample(index, self.epoch)
 
     def sample(self, index: int, epoch: int) -> tuple[torch.Tensor, int]:
         """Sample `index` as epoch `epoch` sees it (what __getitem__ returns after set_epoch(epoch))."""
+        img, label, skipped = self.sample_with_skips(index, epoch)
+        self.num_skipped += len(skipped)
+        warn_skipped(skipped)
+        return img, label
+
+    def sample_with_skips(self, index: int, epoch: int) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+        """(image, label, [(path, why) of the files skipped on the way]): an image that cannot be decoded is
+        replaced by the next one of the same class."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        for attempt in range(MAX_CONSECUTIVE_FAILURES):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        members, position = self._same_class[index]
+        skipped = []
+        for attempt in range(min(MAX_CONSECUTIVE_FAILURES, len(members))):
+            path, label = self.samples[members[(position + attempt) % len(members)]]
             try:
                 img = self._decode(path)
-            except (OSError, ValueError, UnidentifiedImageError) as err:
-                self.num_skipped += 1
-                if path not in self._warned:
-                    self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+            except Exception as err:   # noqa: BLE001 - codecs raise anything on a broken file (SyntaxError, ...)
+                skipped.append((str(path), f"{type(err).__name__}: {err}"))
                 continue
-            return self._to_tensor(self._transform(img, rng)), label
-        raise RuntimeError(f"{MAX_CONSECUTIVE_FAILURES} consecutive images from index {index} of {self.root} "
-                           f"failed to decode; the data set looks broken")
+            return self._to_tensor(self._transform(img, rng)), label, skipped
+        raise RuntimeError(f"{len(skipped)} consecutive images of class {self.classes[label]!r} from index {index} "
+                           f"of {self.root} failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); the data set "
+                           f"looks broken")
 
     def _transform(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
         size = self.img_size

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .augment import random_resized_crop_batch
 from .digits import load_digits, stratified_split
-from .folder import ImageFolder
+from .folder import MAX_IMAGE_PIXELS, ImageFolder, find_samples, warn_skipped
 from .synthetic import synthetic_images
 
 DATASETS = ("digits", "folder", "synthetic")
@@ -75,6 +75,7 @@ class TrainData:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     num_skipped: int = 0  # unreadable images skipped (image folders)
+    counts_skips = False  # True where images can be unreadable (image folders): see skipped_in_epoch
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int, device):
         if batch_size < 1:
@@ -82,8 +83,9 @@ class TrainData:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, world_size), got rank={rank}, world_size={world_size}")
         if batch_size * world_size > num_samples:
-            raise ValueError(f"batch_size={batch_size} x world_size={world_size} exceeds the {num_samples} "
-                             f"training images; lower batch_size")
+            raise ValueError(f"train.batch_size={batch_size} x {world_size} processes exceeds the {num_samples} "
+                             f"training images: lower train.batch_size to at most {num_samples // world_size} "
+                             f"(or use more images)")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.steps_per_epoch = num_samples // (batch_size * world_size)
@@ -104,6 +106,10 @@ class TrainData:
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+    def skipped_in_epoch(self, epoch: int) -> int:
+        """Images of ``epoch`` (as far as this process has read it) that could not be used and were replaced."""
+        return 0
 
 
 class TensorTrainData(TrainData):
@@ -139,8 +145,14 @@ class _EpochView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.dataset.sample(index, self.epoch)
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+        return self.dataset.sample_with_skips(index, self.epoch)
+
+
+def _collate_with_skips(batch):
+    """(images, labels, [(path, why) skipped while decoding this batch])."""
+    imgs, labels, skipped = zip(*batch)
+    return torch.stack(imgs), torch.tensor(labels), [item for items in skipped for item in items]
 
 
 class FolderTrainData(TrainData):
@@ -152,25 +164,39 @@ class FolderTrainData(TrainData):
         self.dataset, self.num_workers = dataset, num_workers
         self.channels, self.img_size = dataset.channels, dataset.img_size
         self.mean, self.std = dataset.mean, dataset.std
+        self._skipped: dict[int, int] = {}
+
+    counts_skips = True
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable images skipped in this process; with num_workers > 0 the workers keep their own counts."""
-        return self.dataset.num_skipped
+        """Images skipped so far by this rank, workers included (they report each skip with its batch)."""
+        return sum(self._skipped.values())
+
+    def skipped_in_epoch(self, epoch: int) -> int:
+        return self._skipped.get(epoch, 0)
+
+    def _note_skips(self, epoch: int, skipped: list[tuple[str, str]]) -> None:
+        """Count per epoch; warn once per file per run (here, in the main process, not in each worker copy)."""
+        self._skipped[epoch] = self._skipped.get(epoch, 0) + len(skipped)
+        warn_skipped(skipped)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.rank_indices(epoch, start_step)
         loader = torch.utils.data.DataLoader(
             _EpochView(self.dataset, epoch), batch_size=self.batch_size, sampler=indices.flatten().tolist(),
-            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", drop_last=False)
-        for imgs, labels in loader:
+            num_workers=self.num_workers, pin_memory=self.device.type == "cuda", drop_last=False,
+            collate_fn=_collate_with_skips)
+        for imgs, labels, skipped in loader:
+            if skipped:
+                self._note_skips(epoch, skipped)
             yield imgs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
 def build_train_data(name: str, *, path: str = "", img_size: int, channels: int = 3,
                      crop_scale=(0.2, 1.0), hflip: float = 0.5, val_fraction: float = 0.2, batch_size: int,
                      seed: int, device, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                     synthetic_size: int = 2048) -> TrainData:
+                     synthetic_size: int = 2048, max_image_pixels: int = MAX_IMAGE_PIXELS) -> TrainData:
     """The pre-training input pipeline of data set `name` ("digits", "folder" or "synthetic").
 
     digits: the train split only (the val split is held out for the probe), upsampled to img_size if larger.
@@ -179,9 +205,11 @@ def build_train_data(name: str, *, path: str = "", img_size: int, channels: int 
     _check_name(name)
     common = dict(batch_size=batch_size, seed=seed, device=device, rank=rank, world_size=world_size)
     if name == "folder":
-        train_root, _ = _folder_roots(path)
+        train_root, val_root = _folder_roots(path)
         dataset = ImageFolder(train_root, img_size, channels, train=True, crop_scale=crop_scale, hflip=hflip,
-                              seed=seed)
+                              seed=seed, max_image_pixels=max_image_pixels)
+        if val_root is not None:   # the probe reads it at the end: refuse a layout it cannot label now
+            find_samples(val_root, dataset.classes)
         return FolderTrainData(dataset, num_workers=num_workers, **common)
     if name == "digits":
         imgs, labels = _digits("train", img_size, channels, val_fraction)
@@ -207,7 +235,8 @@ def _pick(num: int, max_images: int | None, seed: int) -> np.ndarray:
 
 def build_eval_data(name: str, *, path: str = "", img_size: int, channels: int = 3, val_fraction: float = 0.2,
                     seed: int = 0, synthetic_size: int = 2048, max_images: int | None = None,
-                    num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    num_workers: int = 0, max_image_pixels: int = MAX_IMAGE_PIXELS
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Unaugmented (train_imgs, train_labels, val_imgs, val_labels) on the CPU, for linear probe and kNN.
 
     digits: the fixed stratified split. synthetic: the pre-training images and `synthetic_size * val_fraction`
@@ -225,9 +254,10 @@ def build_eval_data(name: str, *, path: str = "", img_size: int, channels: int =
                                SYNTHETIC_VAL_SEED)
     else:
         train_root, val_root = _folder_roots(path)
-        train_set = ImageFolder(train_root, img_size, channels, train=False)
+        train_set = ImageFolder(train_root, img_size, channels, train=False, max_image_pixels=max_image_pixels)
         if val_root is not None:
-            val_set = ImageFolder(val_root, img_size, channels, train=False, classes=train_set.classes)
+            val_set = ImageFolder(val_root, img_size, channels, train=False, classes=train_set.classes,
+                                  max_image_pixels=max_image_pixels)
             train_idx, val_idx = np.arange(len(train_set)), np.arange(len(val_set))
         else:
             val_set = train_set

@@ -73,7 +73,17 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero a residual branch for a random ``prob`` of the samples (rescaling the others)."""
+    if prob == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - prob)
+    return x * keep / (1.0 - prob)
+
+
 class Block(nn.Module):
+    drop_path: float = 0.0   # stochastic depth of both residual branches (fine-tuning sets it per block)
+
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -83,8 +93,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, **attn_masks) -> torch.Tensor:
         """``attn_masks``: Attention's order / strict / cu_seqlens / max_seqlen."""
-        x = x + self.attn(self.norm1(x), **attn_masks)
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x), **attn_masks), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -129,7 +139,10 @@ class VisionTransformer(nn.Module):
                                              pos, self.patch_size)
 
     def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embed(imgs, ids_keep)
+        return self.encode_tokens(self.embed(imgs, ids_keep))
+
+    def encode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, K, D] embedded patch tokens (positions already added, or not: DropPos) -> [B, 1 + K, D]."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:

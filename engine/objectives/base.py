@@ -54,6 +54,9 @@ class EvalOutput:
     prediction_normalized: bool = False
     patch_losses: torch.Tensor | None = None      # [B, L]
     patch_scores: torch.Tensor | None = None      # [B, L]
+    hard_mask: torch.Tensor | None = None         # [B, L] the masked patches chosen as hard (HPM)
+    caption: str = ""                             # one line for the panel (the trainer adds the epoch)
+    row_notes: list[str] | None = None            # a short note per image of the panel
     pictures: dict[str, Callable[[Path], None]] = field(default_factory=dict)
 
 

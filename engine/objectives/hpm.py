@@ -15,7 +15,8 @@ import torch
 from sslpt import kernels
 from sslpt.engine.config import require
 from sslpt.engine.ema import EMATeacher, ema_decay
-from sslpt.engine.eval import rowwise_spearman
+from sslpt.engine import viz
+from sslpt.engine.eval import rowwise_spearman, spearman_per_row
 from sslpt.engine.models.vit import encoder_flops
 from sslpt.engine.registry import register
 
@@ -72,10 +73,12 @@ class HPM(MAE):
         # the teacher never uses the reconstruction decoder: not copying it saves its memory and forward pass
         self.teacher = EMATeacher(self.model, skip=("decoder",))
         self.decay = settings.ema_decay_start
+        self.epoch_ctx: StepContext | None = None   # the epoch under way (for the schedule of evaluate)
         keep = kernels.masking.num_visible(self.model.num_patches, self.mask_ratio)
         self.num_masked = self.model.num_patches - keep
 
     def on_epoch_start(self, ctx: StepContext) -> None:
+        self.epoch_ctx = ctx
         s = self.settings
         self.decay = ema_decay(ctx.epoch, ctx.epochs, s.ema_decay_start, s.ema_decay_end, s.ema_ramp_epochs)
 
@@ -123,18 +126,46 @@ class HPM(MAE):
 
     @torch.no_grad()
     def evaluate(self, imgs, generator) -> EvalOutput:
-        """Random mask on held-out images: reconstruction, the teacher's scores and how well the student's and
-        the teacher's predicted losses rank the actual ones."""
+        """Metrics on a random mask (comparable across epochs): reconstruction loss and how well the student's
+        and the teacher's predicted losses rank the actual ones. Pictures of the mask HPM chooses at this
+        epoch: its hard patches, the teacher's scores, the actual loss on the masked patches, and where hard
+        patches fall over the held-out batch."""
         masking = self.eval_masking(imgs, generator)
-        pred, per_patch, loss, h = self.reconstruct(imgs, masking)
+        _, per_patch, loss, h = self.reconstruct(imgs, masking)
         student = self.model.predict_loss(h)
         teacher = self.teacher_scores(imgs)
         ids = masking.ids_masked
         actual = torch.gather(per_patch, 1, ids)
+        k = self.num_hard(self.epoch_ctx) if self.epoch_ctx is not None else 0
         metrics = {
             "val_loss_rec": float(loss),
             "spearman_student": rowwise_spearman(torch.gather(student, 1, ids).float(), actual),
             "spearman_teacher": rowwise_spearman(torch.gather(teacher, 1, ids).float(), actual),
+            # near 1: every image's scores look like the batch's mean map, i.e. they mostly encode position
+            "teacher_positional_corr": rowwise_spearman(teacher.float(), teacher.float().mean(0).expand_as(teacher)),
+            "num_hard": k, "num_masked": self.num_masked, "mask_ratio": self.mask_ratio, "ema_decay": self.decay,
         }
-        return EvalOutput(metrics=metrics, images=imgs, mask=masking.mask, prediction=pred,
-                          prediction_normalized=self.norm_pix, patch_losses=per_patch, patch_scores=teacher)
+        # the mask this epoch's training draws for these images
+        if k:
+            chosen = kernels.hard_patch_masking(teacher, self.mask_ratio, k, generator=generator,
+                                                tie_break=self.settings.tie_break)
+        else:
+            chosen = self.eval_masking(imgs, generator)
+        pred, per_patch, _, _ = self.reconstruct(imgs, chosen)
+        hard = torch.zeros_like(chosen.mask, dtype=torch.bool)
+        if k:
+            hard.scatter_(1, chosen.ids_shuffle[:, -k:], True)
+        masked_ids = chosen.ids_masked
+        rho = spearman_per_row(torch.gather(teacher, 1, masked_ids).float(), torch.gather(per_patch, 1, masked_ids))
+        caption = (f"K={k} hard of {self.num_masked} masked (mask ratio {self.mask_ratio:g}); Spearman "
+                   f"student {metrics['spearman_student']:.2f}, teacher {metrics['spearman_teacher']:.2f}; "
+                   f"teacher maps vs their mean {metrics['teacher_positional_corr']:.2f}")
+        grid = self.model.encoder.grid
+        frequency, mean_score = hard.float().mean(0).cpu(), teacher.float().mean(0).cpu()
+        position_caption = f"K={k}, {imgs.shape[0]} images, rho vs mean {metrics['teacher_positional_corr']:.2f}"
+        pictures = {"hard_positions": lambda path: viz.save_position_map(path, frequency, mean_score, grid,
+                                                                         position_caption)} if k else {}
+        return EvalOutput(metrics=metrics, images=imgs, mask=chosen.mask, prediction=pred,
+                          prediction_normalized=self.norm_pix, patch_losses=per_patch, patch_scores=teacher,
+                          hard_mask=hard, caption=caption, row_notes=[f"rho {r:.2f}" for r in rho.tolist()],
+                          pictures=pictures)

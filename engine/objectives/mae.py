@@ -22,7 +22,8 @@ class MAESettings(ObjectiveSettings):
 
     def check(self, cfg) -> None:
         m = cfg.model
-        require(0.0 <= self.mask_ratio < 1.0, f"{self.key('mask_ratio')} must be in [0, 1), got {self.mask_ratio}")
+        require(0.0 < self.mask_ratio < 1.0, f"{self.key('mask_ratio')} must be in (0, 1), got {self.mask_ratio}: "
+                f"with no masked patch there is nothing to reconstruct (the loss would be 0)")
         require(kernels.masking.num_visible(m.num_patches, self.mask_ratio) >= 1,
                 f"{self.key('mask_ratio')}={self.mask_ratio} leaves no visible patch of {m.num_patches}")
         require(not self.norm_pix or m.patch_dim >= 2,
@@ -61,8 +62,9 @@ class MAE(Objective):
         latent = self.model.encode(imgs, masking.ids_keep)
         h = self.model.decoder_input(latent, masking.ids_keep)
         pred = self.model.reconstruct(h)
-        target = kernels.patchify(imgs, self.model.patch_size)
-        loss, per_patch = kernels.patch_loss(pred, target, masking.mask, norm_pix=self.norm_pix)
+        # the targets are read straight from the images (no patchified fp32 copy per step)
+        loss, per_patch = kernels.patch_loss(pred, imgs, masking.mask, norm_pix=self.norm_pix,
+                                             patch_size=self.model.patch_size)
         return pred, per_patch, loss, h
 
     def forward(self, imgs, ctx):
@@ -86,5 +88,5 @@ class MAE(Objective):
     def evaluate(self, imgs, generator) -> EvalOutput:
         masking = self.eval_masking(imgs, generator)
         pred, per_patch, loss, _ = self.reconstruct(imgs, masking)
-        return EvalOutput(metrics={"val_loss_rec": float(loss)}, images=imgs, mask=masking.mask, prediction=pred,
+        return EvalOutput(metrics={"val_loss_rec": float(loss), "mask_ratio": self.mask_ratio}, images=imgs, mask=masking.mask, prediction=pred,
                           prediction_normalized=self.norm_pix, patch_losses=per_patch)

@@ -1,0 +1,58 @@
+"""A pre-trained encoder from a run folder (its config.toml and newest checkpoint that verifies) or from an
+exported safetensors file: what ``probe``, ``export``, ``linprobe`` and ``finetune`` start from."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def load_run(run_dir: Path, overrides=()):
+    """(config with ``overrides``, objective with the newest verified checkpoint's weights, checkpoint path)."""
+    from sslpt.engine.checkpoint import load_checkpoint, select_checkpoint
+    from sslpt.engine.config import ConfigError, load_config
+    from sslpt.engine.objectives import build_objective
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
+    cfg = load_config(run_dir / "config.toml", list(overrides))
+    path, skipped = select_checkpoint(run_dir)
+    for bad, why in skipped:
+        print(f"warning: skipped checkpoint {bad.name}: {why}", file=sys.stderr)
+    if path is None:
+        raise FileNotFoundError(f"no complete checkpoint that verifies in {run_dir / 'checkpoints'}")
+    objective = build_objective(cfg)
+    load_checkpoint(path, objective, verified=True)   # weights only; DCP gathers the shards of any world size
+    return cfg, objective, path
+
+
+def load_encoder(source: Path, overrides=(), random_init: bool = False):
+    """(config, encoder, description) from a run folder or an exported file. For a file, the config is the
+    defaults with the file's ViT shape (``model.*``) and then ``overrides`` (e.g. ``data.*``). ``random_init``:
+    the same architecture untrained, built as the probe's baseline is (seeded by train.seed + 1)."""
+    import torch
+
+    from sslpt.engine.config import load_config
+    from sslpt.engine.export import encoder_from_file
+
+    source = Path(source)
+    if source.is_dir():
+        cfg, objective, path = load_run(source, overrides)
+        if not random_init:
+            return cfg, objective.encoder, f"{source} ({path.name})"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed + 1)
+            return cfg, type(objective).random_encoder(cfg.objective, cfg.model), "random init"
+    encoder, meta = encoder_from_file(source)
+    shape = {"img_size": encoder.grid * encoder.patch_size, "patch_size": encoder.patch_size,
+             "in_chans": encoder.patch_embed.in_channels, "embed_dim": encoder.embed_dim,
+             "depth": len(encoder.blocks), "num_heads": encoder.blocks[0].attn.num_heads,
+             "mlp_ratio": encoder.blocks[0].mlp.fc1.out_features / encoder.embed_dim}
+    cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()] + list(overrides))
+    if not random_init:
+        return cfg, encoder, str(source)
+    from sslpt.engine.models.vit import build_vit
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed + 1)
+        return cfg, build_vit(cfg.model), "random init"
