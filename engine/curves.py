@@ -15,6 +15,7 @@ SERIES = (
     ("eval", "spearman_student", "Spearman, student"),
     ("eval", "spearman_teacher", "Spearman, teacher"),
     ("eval", "num_hard", "hard patches K"),
+    ("eval", "recon_accuracy", "digits read from reconstructions"),
     ("train", "lr", "learning rate"),
     ("train", "img_per_s", "images / s"),
 )

@@ -44,5 +44,6 @@ def run_encoder_command(args) -> int:
     else:
         from sslpt.engine.finetune import run_finetune as run
     result = run(args)
-    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
+    if result.pop("is_main", True):   # under torchrun, rank 0 reports
+        print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}, indent=2))
     return 0

@@ -57,24 +57,23 @@ def _check_split(name: str, x: torch.Tensor, y: torch.Tensor) -> None:
                          f"got {tuple(x.shape)} and {tuple(y.shape)}")
 
 
-def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
-                 weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0) -> float:
-    """Validation accuracy in [0, 1] of a logistic-regression probe on frozen features.
+def fit_linear_classifier(train_x: torch.Tensor, train_y: torch.Tensor, *, num_classes: int | None = None,
+                          weight_decay: float = 1e-4, max_iter: int = 200,
+                          seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression on standardised features (L-BFGS, zero init); returns ``predict``,
+    which maps [N, D] features to [N] class indices.
 
     Args:
-        train_x, val_x: [N, D] features; train_y, val_y: [N] integer labels.
         weight_decay: L2 penalty (weight_decay / 2) * ||W||^2 on the weights (not the bias).
         max_iter: L-BFGS iterations (strong Wolfe line search).
         seed: seeds torch's RNG around the fit; the fit itself draws no random numbers (zero init).
     """
     _check_split("train", train_x, train_y)
-    _check_split("val", val_x, val_y)
-    train_x, val_x = train_x.detach().float().cpu(), val_x.detach().float().cpu()
-    train_y, val_y = train_y.detach().long().cpu(), val_y.detach().long().cpu()
+    train_x, train_y = train_x.detach().float().cpu(), train_y.detach().long().cpu()
     mean, var = train_x.mean(0), train_x.var(0, unbiased=False)
     inv_std = torch.rsqrt(var + 1e-6)
-    train_x, val_x = (train_x - mean) * inv_std, (val_x - mean) * inv_std
-    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    train_x = (train_x - mean) * inv_std
+    num_classes = num_classes or int(train_y.max()) + 1
 
     threads = 1 if train_x.numel() * num_classes < _SINGLE_THREAD_WORK else torch.get_num_threads()
     with torch.random.fork_rng(devices=[]), _cpu_threads(threads):
@@ -92,9 +91,23 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
 
         with torch.enable_grad():
             optimizer.step(closure)
-    with torch.no_grad():
-        predictions = (val_x @ weight + bias).argmax(1)
-    return (predictions == val_y).float().mean().item()
+    weight, bias = weight.detach(), bias.detach()
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return (((x.detach().float().cpu() - mean) * inv_std) @ weight + bias).argmax(1)
+
+    return predict
+
+
+def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, *,
+                 weight_decay: float = 1e-4, max_iter: int = 200, seed: int = 0) -> float:
+    """Validation accuracy in [0, 1] of a logistic-regression probe on frozen features
+    (``fit_linear_classifier``; train_x, val_x: [N, D] features, train_y, val_y: [N] integer labels)."""
+    _check_split("val", val_x, val_y)
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    predict = fit_linear_classifier(train_x, train_y, num_classes=num_classes, weight_decay=weight_decay,
+                                    max_iter=max_iter, seed=seed)
+    return (predict(val_x) == val_y.detach().long().cpu()).float().mean().item()
 
 
 def few_shot_linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,

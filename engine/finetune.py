@@ -80,7 +80,7 @@ class FinetuneSettings:
 # vit_base_100ep: MAE's ViT-B recipe, which HPM's ViT-B fine-tuning also follows (100 epochs). digits: the same
 # recipe sized for 1,438 8x8 train images and a 4-block encoder on the CPU (a few minutes).
 PRESETS = {"vit_base_100ep": {},
-           "digits": {"epochs": 8, "warmup_epochs": 1, "batch_size": 64, "blr": 2e-3, "layer_decay": 0.75,
+           "digits": {"epochs": 30, "warmup_epochs": 3, "batch_size": 64, "blr": 2e-3, "layer_decay": 0.75,
                       "drop_path": 0.1}}
 
 
@@ -333,4 +333,4 @@ def run_finetune(args) -> dict:
         result = tuner.train()
     finally:
         shutdown(tuner.dist)
-    return {**result, "folder": str(out)}
+    return {**result, "folder": str(out), "is_main": tuner.dist.is_main}

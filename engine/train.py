@@ -26,6 +26,7 @@ from sslpt.engine.distributed import (DTensor, ShardAwareGradScaler, barrier, br
                                 shutdown)
 from sslpt.engine.curves import plot_runs
 from sslpt.engine.ema import rebind_teachers
+from sslpt.engine.eval import fit_linear_classifier
 from sslpt.engine.loggers import Loggers
 from sslpt.engine.models.heads import sync_batchnorm_if_distributed
 from sslpt.engine.objectives import EvalOutput, StepContext, build_objective
@@ -480,11 +481,24 @@ class Trainer:
     def eval_batch(self) -> torch.Tensor:
         if not hasattr(self, "_eval_imgs"):
             m, d = self.cfg.model, self.cfg.data
-            _, _, val_x, _ = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
-                                             val_fraction=d.val_fraction, seed=0, synthetic_size=d.synthetic_size,
-                                             max_images=64, max_image_pixels=d.max_image_pixels)
-            self._eval_imgs = val_x[:64].to(self.device)
+            _, _, val_x, val_y = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
+                                                 val_fraction=d.val_fraction, seed=0,
+                                                 synthetic_size=d.synthetic_size, max_images=64,
+                                                 max_image_pixels=d.max_image_pixels)
+            self._eval_imgs, self._eval_labels = val_x[:64].to(self.device), val_y[:64]
         return self._eval_imgs
+
+    def readout(self):
+        """On digits: a classifier of real digits' pixels, fitted once on the train split, that reads the
+        reconstructions (``recon_accuracy``: can the reconstruction still be told for its digit?)."""
+        if not hasattr(self, "_readout"):
+            self._readout = None
+            m, d = self.cfg.model, self.cfg.data
+            if d.name == "digits":
+                train_x, train_y, _, _ = build_eval_data(d.name, img_size=m.img_size, channels=m.in_chans,
+                                                         val_fraction=d.val_fraction, seed=0)
+                self._readout = fit_linear_classifier(train_x.flatten(1), train_y)
+        return self._readout
 
     @torch.no_grad()
     def evaluate(self, epoch: int) -> dict:
@@ -499,7 +513,9 @@ class Trainer:
         if not self.dist.is_main:
             return {}
         written = self.save_pictures(out, epoch)
-        metrics = out.metrics
+        metrics = dict(out.metrics)
+        if out.prediction is not None and self.readout() is not None:
+            metrics.update(self.readout_accuracy(out))
         if metrics:
             self.log({"type": "eval", "epoch": epoch + 1, "step": self.next_step, **metrics,
                       "skipped_steps": int(self.skipped_total), "skipped_images": self.skipped_images})
@@ -513,6 +529,18 @@ class Trainer:
         for path in written:
             self.loggers.image(f"pictures/{path.stem.split('_epoch')[0]}", path, step=self.next_step)
         return metrics
+
+    def readout_accuracy(self, out: EvalOutput) -> dict[str, float]:
+        """The digit classifier's accuracy on the reconstructions with the visible patches pasted (what the
+        reconstruction picture shows in its third column) and, for scale, on the originals."""
+        patch = self.cfg.model.patch_size
+        recon = viz_reconstruction(out.images, out.prediction, patch, out.prediction_normalized).float()
+        pixel_mask = out.mask.bool().reshape(out.mask.shape[0], *(self.cfg.model.img_size // patch,) * 2)
+        pixel_mask = pixel_mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]
+        pasted = torch.where(pixel_mask, recon, out.images.float())
+        labels = self._eval_labels[:len(pasted)]
+        read = lambda x: (self.readout()(x.flatten(1)) == labels).float().mean().item()  # noqa: E731
+        return {"recon_accuracy": read(pasted), "recon_accuracy_originals": read(out.images)}
 
     def save_pictures(self, out: EvalOutput, epoch: int) -> list[Path]:
         """Reconstructions where the objective predicts patches; HPM-style panels where it also scores them;

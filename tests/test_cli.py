@@ -73,6 +73,11 @@ def test_pretrain_probe_resume_end_to_end(tmp_path):
                         "hpm_epoch0002.png", "recon_epoch0001.png", "recon_epoch0002.png"]
     assert (run_dir / "curves.png").is_file()
     assert probe["objective"] == "hpm" and "L-BFGS" in probe["protocol"]["linear"]
+    # on digits each evaluation reports how many reconstructions a classifier of real digits still reads
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"type": "eval"' in line]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    assert all(0 <= e["recon_accuracy"] <= 1 and e["recon_accuracy_originals"] > 0.8 for e in evals)
     out = run_cli("resume", str(run_dir), "--set", "train.epochs=3", "--set", "train.probe=false")
     assert out.returncode == 0, out.stderr
     assert "epoch 3/3" in out.stderr

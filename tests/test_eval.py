@@ -141,3 +141,14 @@ def test_rowwise_spearman_averages_rows_and_skips_constant_ones():
     assert rowwise_spearman(rows[:3], other[:3]) == pytest.approx(sum(per_row) / 3)
     with pytest.raises(ValueError, match="a and b"):
         rowwise_spearman(torch.randn(2, 3), torch.randn(3, 2))
+
+
+def test_fit_linear_classifier_predicts_what_linear_probe_scores():
+    from sslpt.engine.eval import fit_linear_classifier
+
+    torch.manual_seed(0)
+    x = torch.randn(200, 5)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    predict = fit_linear_classifier(x[:150], y[:150])
+    accuracy = (predict(x[150:]) == y[150:]).float().mean().item()
+    assert accuracy == linear_probe(x[:150], y[:150], x[150:], y[150:]) and accuracy > 0.9

@@ -22,7 +22,7 @@ else:
     torchvision = pytest.importorskip("torchvision")
     import lightly.loss
 
-from sslpt.engine.export import RESNET_RULES, save_encoder, timm_vit_kwargs
+from sslpt.engine.export import RESNET_RULES, save_encoder
 from sslpt.engine.models.vit import VisionTransformer
 from sslpt.kernels import nt_xent
 
