@@ -203,17 +203,5 @@ def encoder_from_file(path: Path, attn_backend: str = "auto") -> tuple[VisionTra
     return encoder, {**meta, "extra_tensors": sorted(extras)}
 
 
-def export_run(run_dir: Path, out: Path | None = None, fmt: str = "timm", pool: str = "cls",
-               overrides=()) -> tuple[Path, dict]:
-    """Export the encoder of a run's newest checkpoint that verifies; default ``<run>/export/encoder_<fmt>``."""
-    from sslpt.engine.pretrained import load_run
-
-    cfg, objective, checkpoint = load_run(Path(run_dir), overrides)
-    out = Path(out) if out is not None else Path(run_dir) / "export" / f"encoder_{fmt}.safetensors"
-    extra = {"normalisation": data_normalisation(cfg), "config_sha256": config_digest(cfg),
-             "objective": cfg.objective.name, "checkpoint": checkpoint.name, "run": str(run_dir)}
-    return out, save_encoder(objective.encoder, out, fmt=fmt, pool=pool, extra=extra)
-
-
 __all__ = ["export_state", "save_encoder", "read_encoder_file", "load_timm_state", "encoder_from_file",
-           "export_run", "timm_vit_kwargs", "timm_vit_name", "VIT_RULES", "RESNET_RULES", "ExportError", "FORMATS"]
+           "timm_vit_kwargs", "timm_vit_name", "VIT_RULES", "RESNET_RULES", "ExportError", "FORMATS"]

@@ -320,7 +320,7 @@ class FineTuner:
 def run_finetune(args) -> dict:
     """The ``finetune`` command."""
     from sslpt.engine.distributed import shutdown
-    from sslpt.engine.encoder_cli import output_dir, protocol_settings
+    from sslpt.engine.protocols import output_dir, protocol_settings
     from sslpt.engine.linprobe import _data_name
     from sslpt.engine.pretrained import load_encoder
 

@@ -134,7 +134,7 @@ def run_linprobe(args) -> dict:
     """The ``linprobe`` command: the encoder of a run or file, or (``--random-init``) a random one."""
     from sslpt.engine.data import build_eval_data, build_train_data
     from sslpt.engine.distributed import resolve_device
-    from sslpt.engine.encoder_cli import output_dir, protocol_settings
+    from sslpt.engine.protocols import output_dir, protocol_settings
     from sslpt.engine.eval import extract_features
     from sslpt.engine.pretrained import load_encoder
 

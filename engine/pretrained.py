@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
+from sslpt.engine.checkpoint import load_checkpoint, select_checkpoint
+from sslpt.engine.config import ConfigError, load_config
+from sslpt.engine.export import config_digest, data_normalisation, encoder_from_file, save_encoder
+from sslpt.engine.models.vit import build_vit
+from sslpt.engine.objectives import build_objective
+
 
 def load_run(run_dir: Path, overrides=()):
     """(config with ``overrides``, objective with the newest verified checkpoint's weights, checkpoint path)."""
-    from sslpt.engine.checkpoint import load_checkpoint, select_checkpoint
-    from sslpt.engine.config import ConfigError, load_config
-    from sslpt.engine.objectives import build_objective
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"{run_dir} is not a run folder (no config.toml)")
@@ -30,11 +34,6 @@ def load_encoder(source: Path, overrides=(), random_init: bool = False):
     """(config, encoder, description) from a run folder or an exported file. For a file, the config is the
     defaults with the file's ViT shape (``model.*``) and then ``overrides`` (e.g. ``data.*``). ``random_init``:
     the same architecture untrained, built as the probe's baseline is (seeded by train.seed + 1)."""
-    import torch
-
-    from sslpt.engine.config import load_config
-    from sslpt.engine.export import encoder_from_file
-
     source = Path(source)
     if source.is_dir():
         cfg, objective, path = load_run(source, overrides)
@@ -51,8 +50,16 @@ def load_encoder(source: Path, overrides=(), random_init: bool = False):
     cfg = load_config(None, [f"model.{k}={v}" for k, v in shape.items()] + list(overrides))
     if not random_init:
         return cfg, encoder, str(source)
-    from sslpt.engine.models.vit import build_vit
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 1)
         return cfg, build_vit(cfg.model), "random init"
+
+
+def export_run(run_dir: Path, out: Path | None = None, fmt: str = "timm", pool: str = "cls",
+               overrides=()) -> tuple[Path, dict]:
+    """Export the encoder of a run's newest checkpoint that verifies; default ``<run>/export/encoder_<fmt>``."""
+    cfg, objective, checkpoint = load_run(Path(run_dir), overrides)
+    out = Path(out) if out is not None else Path(run_dir) / "export" / f"encoder_{fmt}.safetensors"
+    extra = {"normalisation": data_normalisation(cfg), "config_sha256": config_digest(cfg),
+             "objective": cfg.objective.name, "checkpoint": checkpoint.name, "run": str(run_dir)}
+    return out, save_encoder(objective.encoder, out, fmt=fmt, pool=pool, extra=extra)
