@@ -118,6 +118,14 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
+def configure_process(train_cfg, device: torch.device) -> None:
+    """Process-wide settings a run needs before it builds anything: CPU threads and deterministic algorithms."""
+    if device.type == "cpu" and train_cfg.cpu_threads:
+        torch.set_num_threads(train_cfg.cpu_threads)
+    if train_cfg.deterministic:
+        set_determinism()
+
+
 def set_determinism() -> None:
     """PyTorch's deterministic algorithms (an error where an op has none), cuBLAS workspace, no cuDNN autotuning.
     Checked bit-exact on CPU; our own Triton/CUDA kernels are outside this switch (see their tests)."""

@@ -31,6 +31,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sslpt.engine.config import require
+from sslpt import kernels
+from sslpt.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint, select_checkpoint
+from sslpt.engine.data import build_eval_data, build_train_data
+from sslpt.engine.data.loader import derive_seed
+from sslpt.engine.distributed import (ShardAwareGradScaler, configure_process, gradient_sync, init_distributed,
+                                      parallelize, shutdown)
+from sslpt.engine.linprobe import _data_name, topk_correct
+from sslpt.engine.optim import lr_at, set_lr
+from sslpt.engine.pretrained import load_encoder
+from sslpt.engine.protocols import output_dir, protocol_settings
+from sslpt.engine.train import autocast, train_step_optimizer
 from sslpt.engine.models.vit import VisionTransformer
 
 PROTOCOL = "MAE fine-tuning: layer-wise lr decay, drop path, mixup/cutmix, label smoothing, warmup + cosine"
@@ -171,8 +182,6 @@ def mix_batch(imgs: torch.Tensor, labels: torch.Tensor, classes: int, s: Finetun
 
 @torch.no_grad()
 def evaluate(model: Classifier, val_x: torch.Tensor, val_y: torch.Tensor, device, precision: str) -> dict:
-    from sslpt.engine.linprobe import topk_correct
-    from sslpt.engine.train import autocast
 
     was_training = model.training
     model.eval()
@@ -192,19 +201,13 @@ class FineTuner:
 
     def __init__(self, cfg, encoder: VisionTransformer, s: FinetuneSettings, out: Path, resume=None,
                  show_progress: bool = True, source: str = ""):
-        from sslpt import kernels
-        from sslpt.engine.data import build_eval_data, build_train_data
-        from sslpt.engine.distributed import ShardAwareGradScaler, init_distributed, parallelize, set_determinism
 
         self.cfg, self.s, self.out, self.source = cfg, s, Path(out), source
         t, m, d = cfg.train, cfg.model, cfg.data
         kernels.set_backend(t.backend)
         self.dist = init_distributed(t.parallel, t.device, t.dist_timeout_s)
         self.device = self.dist.device
-        if self.device.type == "cpu" and t.cpu_threads:
-            torch.set_num_threads(t.cpu_threads)
-        if t.deterministic:
-            set_determinism()
+        configure_process(t, self.device)
         world = self.dist.world_size
         per_rank, rest = divmod(s.batch_size, world * s.accum_steps)
         require(rest == 0 and per_rank >= 1, f"finetune.batch_size={s.batch_size} must be a multiple of the "
@@ -233,7 +236,6 @@ class FineTuner:
         self.show_progress = show_progress and self.dist.is_main
 
     def _resume(self, resume) -> None:
-        from sslpt.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, select_checkpoint
 
         if resume == "auto":
             path, _ = select_checkpoint(self.out)
@@ -253,16 +255,11 @@ class FineTuner:
             self.log_file.flush()
 
     def save(self) -> None:
-        from sslpt.engine.checkpoint import save_checkpoint
 
         state = {"next_step": self.next_step, "history": self.history, "settings": asdict(self.s)}
         save_checkpoint(self.out, self.next_step, self.module, [self.optimizer], state, keep=2)
 
     def train(self) -> dict:
-        from sslpt.engine.data.loader import derive_seed
-        from sslpt.engine.distributed import gradient_sync
-        from sslpt.engine.optim import lr_at, set_lr
-        from sslpt.engine.train import autocast, train_step_optimizer
 
         s, t = self.s, self.cfg.train
         spe = self.data.steps_per_epoch
@@ -319,10 +316,6 @@ class FineTuner:
 
 def run_finetune(args) -> dict:
     """The ``finetune`` command."""
-    from sslpt.engine.distributed import shutdown
-    from sslpt.engine.protocols import output_dir, protocol_settings
-    from sslpt.engine.linprobe import _data_name
-    from sslpt.engine.pretrained import load_encoder
 
     default = "digits" if _data_name(args) == "digits" else "vit_base_100ep"
     s, overrides = protocol_settings(FinetuneSettings, PRESETS, args.preset, default, args.overrides, "finetune")

@@ -16,13 +16,20 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sslpt.engine.config import require
+from sslpt.engine.config import load_config, require
+from sslpt.engine.data import build_eval_data, build_train_data
+from sslpt.engine.distributed import resolve_device
+from sslpt.engine.eval import extract_features
+from sslpt.engine.optim import lr_at
+from sslpt.engine.pretrained import load_encoder
+from sslpt.engine.protocols import output_dir, protocol_settings
 
 PROTOCOL = "MAE linear probe: frozen encoder, BatchNorm (no affine) + linear head, LARS"
 
@@ -104,7 +111,6 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[
 def train_probe(features_for_epoch, val_f: torch.Tensor, val_y: torch.Tensor, classes: int,
                 s: LinprobeSettings, log=None) -> dict:
     """Train the BN + linear head. ``features_for_epoch(epoch)`` yields (features [b, D], labels [b]) batches."""
-    from sslpt.engine.optim import lr_at
 
     torch.manual_seed(s.seed)
     head = probe_head(val_f.shape[1], classes)
@@ -132,11 +138,6 @@ def train_probe(features_for_epoch, val_f: torch.Tensor, val_y: torch.Tensor, cl
 
 def run_linprobe(args) -> dict:
     """The ``linprobe`` command: the encoder of a run or file, or (``--random-init``) a random one."""
-    from sslpt.engine.data import build_eval_data, build_train_data
-    from sslpt.engine.distributed import resolve_device
-    from sslpt.engine.protocols import output_dir, protocol_settings
-    from sslpt.engine.eval import extract_features
-    from sslpt.engine.pretrained import load_encoder
 
     started = time.perf_counter()
     peek = _data_name(args)
@@ -192,10 +193,6 @@ def run_linprobe(args) -> dict:
 
 def _data_name(args) -> str:
     """The data set the command will use (its own --set, else the run's config), to pick the default preset."""
-    from pathlib import Path
-
-    from sslpt.engine.config import load_config
-
     for item in args.overrides:
         if item.replace(" ", "").startswith("data.name="):
             return item.split("=", 1)[1].strip().strip("\"'")

@@ -22,7 +22,7 @@ from sslpt.engine.config import Config, ConfigError, to_toml
 from sslpt.engine.data import build_eval_data, build_train_data
 from sslpt.engine.data.loader import derive_seed
 from sslpt.engine.distributed import (DTensor, ShardAwareGradScaler, barrier, broadcast_object, gradient_sync,
-                                init_distributed, local_tensor, parallelize, resolve_device, set_determinism,
+                                configure_process, init_distributed, local_tensor, parallelize, resolve_device,
                                 shutdown)
 from sslpt.engine.curves import plot_runs
 from sslpt.engine.ema import rebind_teachers
@@ -157,10 +157,7 @@ class Trainer:
     def _setup(self, resume, run_dir: Path | None, show_progress: bool) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.device = self.dist.device
-        if self.device.type == "cpu" and t.cpu_threads:
-            torch.set_num_threads(t.cpu_threads)
-        if t.deterministic:
-            set_determinism()
+        configure_process(t, self.device)
         main = self.dist.is_main
         chosen = self._claim_run_dir(run_dir) if main else None
         chosen = broadcast_object(chosen, self.dist)
