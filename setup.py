@@ -99,7 +99,10 @@ setup(
     extras_require={
         # the embedded digits data set (scikit-learn ships it)
         "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tensorboard", "simplejpeg",
+                 "opencv-python-headless"],
+        # the fast image input pipeline: JPEGs through libjpeg-turbo, uint8 resizing with OpenCV (data.decoder)
+        "fast-data": ["simplejpeg", "opencv-python-headless"],
         # optional run loggers (train.loggers)
         "loggers": ["tensorboard", "wandb"],
     },

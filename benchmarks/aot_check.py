@@ -148,9 +148,24 @@ def _info_nce_mma_sync(launch: Launch) -> str | None:
     return None
 
 
+def _prototype_mma_sync(launch: Launch) -> str | None:
+    """prototype_cross_entropy offers tiles of fewer than 64 rows only where no 64-row one is listed or fits."""
+    import torch
+
+    module = importlib.import_module("sslpt.kernels.prototype_cross_entropy")
+    kind = "teacher" if "teacher" in launch.kernel else "grad"
+    elsize = torch.empty((), dtype=getattr(torch, launch.dtype.replace("torch.", "") or "bfloat16")).element_size()
+    configs = module._gpu_configs(kind, launch.meta["BLOCK_D"], elsize)
+    if all(c.kwargs[module._ROWS[kind]] < 64 for c in configs):
+        return (f"no 64-row {kind} tile of {launch.meta['BLOCK_D']}-wide {launch.dtype} rows fits "
+                "(shared memory, registers)")
+    return None
+
+
 # kernels that may use mma.sync on sm_90 where their module says no wgmma-sized tile can work: name -> reason or None
 MMA_SYNC_ACCEPTED: dict[str, Callable[[Launch], str | None]] = {
     "_info_nce_fwd_kernel": _info_nce_mma_sync, "_info_nce_bwd_kernel": _info_nce_mma_sync,
+    "_teacher_pass_kernel": _prototype_mma_sync, "_prototype_grad_kernel": _prototype_mma_sync,
 }
 
 
@@ -342,6 +357,16 @@ def case_nt_xent():
     _contrastive(nt_xent_triton, 4096, 256, torch.bfloat16, group=None)
 
 
+def case_dino_loss():
+    import torch
+
+    from sslpt.kernels.prototype_cross_entropy import prototype_cross_entropy_triton
+    # bench_dino_loss: 2+10 crops, d 256 bf16 (B and K only size the grids)
+    student, teacher = _leaf(12 * 64, 256, dtype=torch.bfloat16), _leaf(2 * 64, 256, dtype=torch.bfloat16)
+    weights = _leaf(4096, 256, dtype=torch.bfloat16), _leaf(4096, 256, dtype=torch.bfloat16)
+    prototype_cross_entropy_triton(student, teacher, *weights, torch.zeros(4096), 0.1, 0.04, 2, "cross").backward()
+
+
 def case_attention():
     import torch
 
@@ -366,6 +391,7 @@ def case_attention():
 CASES: dict[str, Callable[[], None]] = {
     "embed": case_embed, "tokens": case_tokens, "patch_loss": case_patch_loss, "info_nce": case_info_nce,
     "info_nce_wide": case_info_nce_wide, "nt_xent": case_nt_xent, "attention": case_attention,
+    "dino_loss": case_dino_loss,
 }
 
 

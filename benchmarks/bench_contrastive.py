@@ -1,4 +1,5 @@
-"""Benchmarks of the contrastive family: info_nce (one direction and CLIP-symmetric) and nt_xent.
+"""Benchmarks of the contrastive family: info_nce (one direction, CLIP-symmetric, against a queue), nt_xent, and
+DenseCL's dense_match.
 
 Providers:
 - "reference": the op's ``_ref``: fp32 logits materialised in full, F.cross_entropy (what most code does;
@@ -22,6 +23,13 @@ rate / measured time.
 Shapes: N in {4096, 16384, 65536} x d=256 bf16 for info_nce; N=16384 for the symmetric and nt_xent
 cases; a tiny fp32 case on CPU (Triton under the interpreter: the numbers only check the plumbing).
 
+info_nce_queue is MoCo v2's form (``queue=``, ``in_batch_negatives=False``): N rows against [own key ; Q queued
+keys], at DenseCL's dense-loss shapes: N = 32 images x 49 locations (ResNet-50) or x 196 (ViT-B/16), Q = 65,536,
+d = 128 bf16; FLOPs counted as for info_nce with N x (1 + Q) logits. dense_match (forward only: MATCH_FAMILIES,
+mode "fwd") times the argmax over view 2's locations against the reference's materialised [B, S1, S2] similarity:
+B = 32 at S = 49 (C = 2048) and S = 196 (C = 768), and B = 8 at S = 4096 (a 64x64 map, C = 256); FLOPs 2 B S1 S2 C.
+Its providers are reference, compile and triton ("chunked" and "cuda" have no dense_match).
+
     python -m benchmarks.bench_contrastive [--device cuda] [--json out.json]
 """
 from __future__ import annotations
@@ -35,10 +43,12 @@ from torch.utils.checkpoint import checkpoint
 from benchmarks.harness import ProviderUnavailable, Row, bench, cli_main, loss_steps
 from sslpt.kernels import _cuda
 from sslpt.kernels._backend import triton_usable
+from sslpt.kernels.dense_match import dense_match, dense_match_ref
 from sslpt.kernels.info_nce import info_nce, info_nce_ref
 from sslpt.kernels.nt_xent import nt_xent, nt_xent_ref
 
-FAMILIES = ("info_nce", "info_nce_symmetric", "nt_xent")
+FAMILIES = ("info_nce", "info_nce_symmetric", "nt_xent", "info_nce_queue")   # losses: modes fwd and full
+MATCH_FAMILIES = ("dense_match",)                                             # forward only
 PROVIDERS = ("reference", "compile", "chunked", "triton", "cuda")
 TEMPERATURE = 0.07
 CHUNK = 1024
@@ -55,7 +65,40 @@ class Shape:
         return f"N{self.n} d{self.dim} {str(self.dtype)[6:]}"
 
 
-def shapes(family: str, tiny: bool) -> list[Shape]:
+@dataclass(frozen=True)
+class QueueShape:
+    n: int
+    queue: int
+    dim: int
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"N{self.n} Q{self.queue} d{self.dim} {str(self.dtype)[6:]}"
+
+
+@dataclass(frozen=True)
+class MatchShape:
+    batch: int
+    locations: int
+    channels: int
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"B{self.batch} S{self.locations} C{self.channels} {str(self.dtype)[6:]}"
+
+
+def shapes(family: str, tiny: bool) -> list:
+    if family == "info_nce_queue":
+        if tiny:
+            return [QueueShape(32, 64, 16, torch.float32)]
+        return [QueueShape(32 * 49, 65536, 128, torch.bfloat16), QueueShape(32 * 196, 65536, 128, torch.bfloat16)]
+    if family == "dense_match":
+        if tiny:
+            return [MatchShape(2, 20, 16, torch.float32)]
+        return [MatchShape(32, 49, 2048, torch.bfloat16), MatchShape(32, 196, 768, torch.bfloat16),
+                MatchShape(8, 4096, 256, torch.bfloat16)]
     if tiny:
         return [Shape(32, 16, torch.float32)]
     sizes = (4096, 16384, 65536) if family == "info_nce" else (16384,)
@@ -96,6 +139,23 @@ def nt_xent_chunked(z1, z2, temperature: float) -> torch.Tensor:
     n = z1.shape[0]
     labels = (torch.arange(2 * n, device=z.device) + n) % (2 * n)
     return _chunked_ce(z, z, 1.0 / temperature, labels, True)
+
+
+def _queue_chunk_ce(rows: torch.Tensor, keys: torch.Tensor, queue: torch.Tensor, scale: float) -> torch.Tensor:
+    logits = torch.cat([(rows * keys).sum(-1, keepdim=True), rows @ queue.T], dim=1).float() * scale
+    return F.cross_entropy(logits, torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device), reduction="sum")
+
+
+def info_nce_queue_chunked(q, k, queue, temperature: float) -> torch.Tensor:
+    """MoCo v2's loss ([own key ; queue], label 0) 1024 rows at a time, each chunk checkpointed."""
+    q = F.normalize(q.float(), dim=-1).to(q.dtype)
+    k = F.normalize(k.float(), dim=-1).to(k.dtype)
+    total = q.new_zeros((), dtype=torch.float32)
+    for start in range(0, q.shape[0], CHUNK):
+        end = min(start + CHUNK, q.shape[0])
+        total = total + checkpoint(_queue_chunk_ce, q[start:end], k[start:end], queue, 1.0 / temperature,
+                                   use_reentrant=False)
+    return total / q.shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +217,53 @@ def _guard_cuda(device, factory):
     return guarded
 
 
+def _queue_case(s: QueueShape, device, compile_backend: str):
+    kw = dict(device=device, dtype=s.dtype)
+    q, k = torch.randn(s.n, s.dim, **kw, requires_grad=True), torch.randn(s.n, s.dim, **kw)
+    queue = F.normalize(torch.randn(s.queue, s.dim, device=device), dim=1).to(s.dtype)
+    t = TEMPERATURE
+    ref = lambda: info_nce_ref(q, k, t, True, False, None, queue, False)  # noqa: E731
+    compiled_ref = torch.compile(info_nce_ref, backend=compile_backend, dynamic=False)
+    compiled = lambda: compiled_ref(q, k, t, True, False, None, queue, False)  # noqa: E731
+    fast = lambda: info_nce(q, k, t, queue=queue, in_batch_negatives=False, backend="triton")  # noqa: E731
+    chunked = lambda: info_nce_queue_chunked(q, k, queue, t)  # noqa: E731
+    logits = s.n * (1 + s.queue)
+    providers = {
+        "reference": _guard_logits(device, logits, 3, loss_steps(ref, [q])),
+        "compile": _guard_logits(device, logits, 3, _guard_compile(loss_steps(compiled, [q]))),
+        "chunked": loss_steps(chunked, [q]),
+        "triton": _guard_triton(device, loss_steps(fast, [q])),
+        "cuda": _guard_cuda(device, None),   # the CUDA backend has no queue
+    }
+    flops = 2 * logits * s.dim
+    return providers, {"fwd": flops, "full": 4 * flops}
+
+
+def _match_case(s: MatchShape, device, compile_backend: str):
+    f1, f2 = (torch.randn(s.batch, s.locations, s.channels, device=device, dtype=s.dtype) for _ in range(2))
+    compiled_ref = torch.compile(dense_match_ref, backend=compile_backend, dynamic=False)
+    steps = {"reference": lambda: dense_match_ref(f1, f2), "compile": lambda: compiled_ref(f1, f2),
+             "triton": lambda: dense_match(f1, f2, backend="triton")}
+    factory = lambda step: (lambda mode: step)  # noqa: E731 - forward only
+    similarity = s.batch * s.locations ** 2
+    providers = {
+        "reference": _guard_logits(device, similarity, 2, factory(steps["reference"])),
+        "compile": _guard_logits(device, similarity, 2, _guard_compile(factory(steps["compile"]))),
+        "triton": _guard_triton(device, factory(steps["triton"])),
+    }
+    return providers, {"fwd": 2 * similarity * s.channels}
+
+
+def _guard_logits(device, count: int, copies: int, factory):
+    """_guard_memory for a materialised tensor of ``count`` fp32 values (not a square matrix)."""
+    return _guard_memory(device, int(count ** 0.5) + 1, copies, factory)
+
+
 def _case(family: str, s: Shape, device, compile_backend: str):
+    if family == "info_nce_queue":
+        return _queue_case(s, device, compile_backend)
+    if family == "dense_match":
+        return _match_case(s, device, compile_backend)
     kw = dict(device=device, dtype=s.dtype, requires_grad=True)
     a, b = torch.randn(s.n, s.dim, **kw), torch.randn(s.n, s.dim, **kw)
     t = TEMPERATURE
@@ -188,8 +294,8 @@ def _case(family: str, s: Shape, device, compile_backend: str):
     return providers, {"fwd": flops, "full": 4 * flops}
 
 
-def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None, families=FAMILIES,
-        compile_backend: str | None = None) -> list[Row]:
+def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None,
+        families=FAMILIES + MATCH_FAMILIES, compile_backend: str | None = None) -> list[Row]:
     """All rows for ``families`` on ``device``; ``tiny`` picks the small CPU shape (and few repetitions)."""
     warmup = warmup if warmup is not None else (1 if tiny else 10)
     rep = rep if rep is not None else (2 if tiny else 50)
@@ -199,7 +305,8 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
     for family in families:
         for s in shapes(family, tiny):
             providers, flops = _case(family, s, device, compile_backend)
-            rows += bench(family, s.name, providers, flops=flops, modes=("fwd", "full"), device=device,
+            modes = ("fwd",) if family in MATCH_FAMILIES else ("fwd", "full")
+            rows += bench(family, s.name, providers, flops=flops, modes=modes, device=device,
                           warmup=warmup, rep=rep)
     return rows
 
@@ -207,8 +314,9 @@ def run(device, tiny: bool, *, warmup: int | None = None, rep: int | None = None
 def main(argv: list[str] | None = None) -> None:
     cli_main("contrastive family", __doc__.splitlines()[0], run,
              lambda roof: (f"measured {roof['matmul_dtype']} matmul {roof['matmul_tflops']:.2f} TFLOP/s; roofline = "
-                               "time at that rate for the minimal FLOPs / measured time; peak MiB = extra memory of one step"),
-             choices=FAMILIES, argv=argv)
+                           "time at that rate for the minimal FLOPs / measured time; peak MiB = extra memory of one "
+                           "step"),
+             choices=FAMILIES + MATCH_FAMILIES, argv=argv)
 
 if __name__ == "__main__":
     main()

@@ -88,6 +88,7 @@ def speed_stages() -> list[Stage]:
     dev = ["--device", "cuda"]
     gather, contrastive = ["benchmarks.bench_gather", *dev], ["benchmarks.bench_contrastive", *dev]
     loss, attention = ["benchmarks.bench_loss", *dev], ["benchmarks.bench_attention", *dev]
+    dino = ["benchmarks.bench_dino_loss", *dev]
     return [
         Stage("roofline", ["benchmarks.harness", *dev], 0.3, "roofline", min_s=20),
         # the targets: embed 3x embed-all-then-gather, info_nce at N = 65,536, attention against SDPA, patch_loss
@@ -99,11 +100,17 @@ def speed_stages() -> list[Stage]:
               env={"BENCH_PROVIDERS": "triton,sdpa"}),
         Stage("target_loss", [*loss, "--families", "patch_loss"], 0.5, family="loss", min_s=20,
               env={"BENCH_PROVIDERS": "triton,cuda"}),
+        # DINO's loss (2+10 crops, K = 65,536, d = 256, bf16; B = 1024, then 64): Triton against the reference
+        Stage("target_dino_loss", dino, 1.0, family="dino_loss", min_s=60,   # ~16 cold Triton compiles first
+              env={"BENCH_PROVIDERS": "triton,reference"}),
         # the other rows of our kernels, with their references
         Stage("gather", [*gather, "--families", "gather_tokens", "scatter_tokens"], 0.7, family="gather", min_s=20,
               env={"BENCH_PROVIDERS": OURS + ",reference"}),
         Stage("contrastive", [*contrastive, "--families", "info_nce_symmetric", "nt_xent"], 0.7,
               family="contrastive", min_s=20, env={"BENCH_PROVIDERS": "triton,cuda,chunked,reference"}),
+        # DenseCL: info_nce against a 65,536-key queue and dense_match, against the materialised references
+        Stage("densecl", [*contrastive, "--families", "info_nce_queue", "dense_match"], 0.5, family="contrastive",
+              min_s=20, env={"BENCH_PROVIDERS": "triton,chunked,reference"}),
         Stage("loss", [*loss, "--families", "relative_loss", "masking"], 0.5, family="loss", min_s=20,
               env={"BENCH_PROVIDERS": OURS + ",reference,argsort_twice"}),
         Stage("train_step", ["benchmarks.bench_train_step", *dev, "--providers", "kernels", "reference"], 1.5,

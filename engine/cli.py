@@ -18,6 +18,7 @@ EPILOG = """examples:
   python -m sslpt linprobe RUN_DIR [--random-init]           # MAE's linear probe (BatchNorm + linear, LARS)
   python -m sslpt finetune RUN_DIR [--random-init]           # MAE's fine-tuning recipe; docs/after_pretraining.md
   python -m sslpt plot runs/hpm-digits-1 runs/mae-digits-1 --out hpm_vs_mae.png   # curves, overlaid
+  python -m sslpt shard /data/imagenet /data/in1k-shards      # tar shards; then --set data.name=webdataset
 
 CONFIG is a TOML file or the name of a preset in configs/. Every field can be overridden
 with --set section.key=value (sections: model, objective.<name> e.g. objective.hpm.alpha_T,
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN")
     c.add_argument("--out", type=Path, help="PNG to write (default: RUN/curves.png for one run, curves.png for "
                                             "several)")
+    s = sub.add_parser("shard", help="write an image folder (or digits) as tar shards for data.name=webdataset")
+    s.add_argument("folder", help="image folder (class subfolders; train/ and val/ are written as OUT/train, "
+                                  "OUT/val), or 'digits'")
+    s.add_argument("out", type=Path, help="output folder (shard-NNNNNN.tar + index.json)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the shuffle before sharding (default 0)")
     _add_encoder_commands(sub)
     return parser
 
@@ -132,6 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "probe":
             return _probe(args.run_dir, args.overrides)
+        if args.command == "shard":
+            from sslpt.engine.data.shards import shard_folder
+
+            try:
+                written = shard_folder(args.folder, args.out, args.shard_size, args.seed)
+            except ValueError as err:   # no images, a bad --shard-size: one line
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            for folder, index in written:
+                print(f"{folder}: {sum(s['samples'] for s in index['shards'])} samples in {len(index['shards'])} "
+                      f"shards, {len(index['classes'])} classes")
+            return 0
         if args.command == "plot":
             from sslpt.engine.curves import plot_runs
 

@@ -34,6 +34,8 @@ VIT_ARCHS = {
     "vit_large": (1024, 24, 16),
     "vit_huge": (1280, 32, 16),
 }
+# ResNet encoders (engine/models/resnet.py), torchvision's layouts; the ViT-only model fields do not apply to them
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
 
 class ConfigError(ValueError):
@@ -42,7 +44,7 @@ class ConfigError(ValueError):
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    arch: str = "vit_base"
+    arch: str = "vit_base"          # a VIT_ARCHS or RESNET_ARCHS name
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -54,9 +56,14 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_heads: int = 16
     attn_backend: str = "auto"      # attention backend of every encoder and decoder: kernels.ATTENTION_BACKENDS
+    # ResNets only: "imagenet" = 7x7 stride-2 conv + max-pool; "small" = 3x3 stride-1 conv, no pool (tiny images)
+    resnet_stem: Literal["imagenet", "small"] = "imagenet"
 
     @property
     def dims(self) -> tuple[int, int, int]:
+        """The ViT's (width, depth, heads)."""
+        if self.arch not in VIT_ARCHS:
+            raise ConfigError(f"model.arch={self.arch!r} is not a ViT: it has no (width, depth, heads)")
         width, depth, heads = VIT_ARCHS[self.arch]
         return (self.embed_dim or width, self.depth or depth, self.num_heads or heads)
 
@@ -91,8 +98,9 @@ class ObjectiveSettings:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    name: Literal["digits", "folder", "synthetic"] = "digits"
-    path: str = ""
+    name: Literal["digits", "folder", "synthetic", "webdataset"] = "digits"
+    path: str = ""                  # folder: the image folder; webdataset: a shard folder or shard-{000..099}.tar
+    decoder: Literal["auto", "pil", "turbojpeg"] = "auto"   # JPEG decoding; auto: turbojpeg if installed
     crop_scale: tuple[float, float] = (0.2, 1.0)
     hflip: float = 0.5
     val_fraction: float = 0.2
@@ -103,10 +111,13 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"   # sgd: momentum SGD (the ResNet recipes of DINO, DenseCL)
+    sgd_momentum: float = 0.9       # optim.name = "sgd" only
     blr: float = 1.5e-4             # lr = blr * effective batch / 256
     lr: float | None = None         # absolute lr; overrides blr
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine per iteration from weight_decay to this (DINO); None: constant
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 40.0
     clip_grad: float | None = None  # global-norm clipping; None = off (MAE, HPM)
@@ -391,34 +402,47 @@ def require_range(pair, path: str, upper: float | None = 1.0) -> None:
             f"{path} must satisfy 0 < min <= max{bound}, got {list(pair)}")
 
 
-def validate(cfg: Config) -> None:
-    from sslpt.kernels import ATTENTION_BACKENDS   # the engine depends on kernels, never the reverse
+def is_resnet(model: ModelConfig) -> bool:
+    """Whether ``model.arch`` names a ResNet (else a ViT)."""
+    return model.arch in RESNET_ARCHS
 
+
+def require_vit(cfg: Config, objective_name: str) -> None:
+    """For objectives built on the ViT's patch tokens: a clear error when ``model.arch`` is a ResNet."""
+    require(not is_resnet(cfg.model), f"objective {objective_name!r} needs a ViT encoder (it works on patch tokens), "
+            f"but model.arch={cfg.model.arch!r} is a ResNet: choose one of {', '.join(VIT_ARCHS)}")
+
+
+def validate(cfg: Config) -> None:
     m, d, opt, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    require(m.arch in VIT_ARCHS, f"model.arch must be one of {sorted(VIT_ARCHS)}, got {m.arch!r}")
-    for name in ("img_size", "patch_size", "in_chans", "decoder_dim", "decoder_depth", "decoder_heads"):
+    archs = (*VIT_ARCHS, *RESNET_ARCHS)
+    close = difflib.get_close_matches(m.arch, archs, n=1)
+    require(m.arch in archs, f"model.arch must be one of {', '.join(archs)}, got {m.arch!r}"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for name in ("img_size", "in_chans"):
         require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
-    for name in ("embed_dim", "depth", "num_heads"):
-        value = getattr(m, name)
-        require(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
-    require(m.img_size % m.patch_size == 0,
-            f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
-    width, _, heads = m.dims
-    require(width % heads == 0, f"model.embed_dim={width} must be divisible by model.num_heads={heads}")
-    require(m.decoder_dim % m.decoder_heads == 0,
-            f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}")
-    require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
-    require(m.attn_backend in ATTENTION_BACKENDS,
-            f"model.attn_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {m.attn_backend!r}")
+    if is_resnet(m):
+        _validate_resnet(cfg)
+    else:
+        _validate_vit(m)
 
     require(d.name != "folder" or bool(d.path), "data.path must name an image folder when data.name = 'folder'")
+    require(d.name != "webdataset" or bool(d.path), "data.path must name a folder of tar shards (or a pattern such "
+            "as shard-{000000..000099}.tar) when data.name = 'webdataset'")
+    if d.name in ("folder", "webdataset"):
+        from sslpt.engine.data.decode import resolve_decoder
+
+        try:
+            resolve_decoder(d.decoder)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     require_range(d.crop_scale, "data.crop_scale")
     require_probability(d.hflip, "data.hflip")
     require(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     require(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     require(d.synthetic_size >= 1, f"data.synthetic_size must be >= 1, got {d.synthetic_size}")
     require(d.max_image_pixels >= 1, f"data.max_image_pixels must be >= 1, got {d.max_image_pixels}")
-    if d.name in ("digits", "folder"):
+    if d.name in ("digits", "folder", "webdataset"):
         require(m.in_chans in (1, 3), f"model.in_chans={m.in_chans} does not fit data.name={d.name!r}: its images "
                 f"are grayscale (in_chans=1) or RGB (in_chans=3)")
     if d.name == "digits":
@@ -432,6 +456,9 @@ def validate(cfg: Config) -> None:
     require(opt.lr is None or opt.lr > 0, f"optim.lr must be > 0, got {opt.lr}")
     require(opt.min_lr >= 0, f"optim.min_lr must be >= 0, got {opt.min_lr}")
     require(opt.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {opt.weight_decay}")
+    require(0 <= opt.sgd_momentum < 1, f"optim.sgd_momentum must be in [0, 1), got {opt.sgd_momentum}")
+    require(opt.weight_decay_end is None or opt.weight_decay_end >= 0,
+            f"optim.weight_decay_end must be >= 0 (or absent: constant weight decay), got {opt.weight_decay_end}")
     require(all(0 <= b < 1 for b in opt.betas), f"optim.betas must be in [0, 1), got {list(opt.betas)}")
     require(opt.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {opt.warmup_epochs}")
     require(opt.clip_grad is None or opt.clip_grad > 0, f"optim.clip_grad must be > 0, got {opt.clip_grad}")
@@ -461,3 +488,35 @@ def validate(cfg: Config) -> None:
             f"(use --run-dir for a folder elsewhere)")
 
     cfg.objective.check(cfg)
+
+
+def _validate_resnet(cfg: Config) -> None:
+    """The ViT-only model fields (patch size, width, depth, heads, decoder, attention) are ignored for ResNets.
+    The scale-out wrappers work per transformer block, which a ResNet has none of: refuse them rather than
+    silently shard it as one unit, or checkpoint or compile nothing."""
+    t, arch = cfg.train, cfg.model.arch
+    require(t.parallel != "fsdp", f"train.parallel='fsdp' shards per transformer block and model.arch={arch!r} is "
+            f"a ResNet: use train.parallel='ddp' (its weights fit every device; BatchNorms sync across GPUs)")
+    require(not t.activation_checkpointing, f"train.activation_checkpointing recomputes transformer blocks and "
+            f"model.arch={arch!r} is a ResNet: set train.activation_checkpointing=false")
+    require(not t.compile, f"train.compile compiles transformer blocks and model.arch={arch!r} is a ResNet: set "
+            f"train.compile=false")
+
+
+def _validate_vit(m: ModelConfig) -> None:
+    from sslpt.kernels import ATTENTION_BACKENDS   # the engine depends on kernels, never the reverse
+
+    for name in ("patch_size", "decoder_dim", "decoder_depth", "decoder_heads"):
+        require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    for name in ("embed_dim", "depth", "num_heads"):
+        value = getattr(m, name)
+        require(value is None or value >= 1, f"model.{name} must be >= 1, got {value}")
+    require(m.img_size % m.patch_size == 0,
+            f"model.patch_size={m.patch_size} must divide model.img_size={m.img_size}")
+    width, _, heads = m.dims
+    require(width % heads == 0, f"model.embed_dim={width} must be divisible by model.num_heads={heads}")
+    require(m.decoder_dim % m.decoder_heads == 0,
+            f"model.decoder_dim={m.decoder_dim} must be divisible by model.decoder_heads={m.decoder_heads}")
+    require(m.mlp_ratio > 0, f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    require(m.attn_backend in ATTENTION_BACKENDS,
+            f"model.attn_backend must be one of {', '.join(ATTENTION_BACKENDS)}; got {m.attn_backend!r}")

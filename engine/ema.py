@@ -10,6 +10,7 @@ on dim 0 over the same mesh), so the update is a lerp of local shards: no gather
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
@@ -73,6 +74,14 @@ def rebind_teachers(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, EMATeacher):
             child.rebind()
+
+
+def cosine_momentum(progress: float, total: float, base: float, cosine: bool = True) -> float:
+    """MoCo v3's and DINO's per-iteration teacher momentum at ``progress`` (epochs, may be fractional) of
+    ``total``: 1 - (1 - base) * (1 + cos(pi * progress / total)) / 2, from ``base`` to 1 (``base`` if not cosine)."""
+    if not cosine:
+        return base
+    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * min(progress / total, 1.0))) / 2
 
 
 def ema_decay(epoch: int, total_epochs: int, start: float, end: float, ramp_epochs: int) -> float:

@@ -1,5 +1,6 @@
-"""Weights out and in: the encoder as a safetensors file that timm's ``VisionTransformer`` loads (strict), and
-an encoder built from such a file (fine-tuning, frozen teachers).
+"""Weights out and in: the encoder as a safetensors file that timm's ``VisionTransformer`` (or, for a ResNet
+encoder, timm's and torchvision's ``ResNet``) loads strictly, and an encoder built from such a file (fine-tuning,
+frozen teachers).
 
 Names. Our ViT differs from timm's in one name and one kind of tensor:
 
@@ -12,13 +13,16 @@ Blocks (``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc
 carry the same names and layouts as timm's (qkv fused, bias on, LayerNorm eps 1e-6, exact GELU). An exported file
 holds the encoder only: no decoder, predictor, projector or teacher.
 
-ResNets: the engine has no ResNet encoder yet. timm's ResNet uses torchvision's names (``conv1``, ``bn1``,
-``layerN.M.convK/bnK/downsample.{0,1}``, ``fc``), so ``RESNET_RULES`` maps such a module one to one; a ResNet
-encoder added later with torchvision's layout exports through ``export_state(..., rules=RESNET_RULES)``.
+ResNets (``engine.models.resnet``) carry torchvision's names, which are timm's too (``conv1``, ``bn1``,
+``layerN.M.convK/bnK/downsample.{0,1}``, ``fc``): ``RESNET_RULES`` maps them one to one and rejects any other name,
+so both formats hold the same tensors. BatchNorm running statistics are exported with the weights. The encoder has
+no ``fc``: build timm's model with ``num_classes=0`` (or set torchvision's ``fc`` to ``nn.Identity()``) and load
+strictly; its pooled output is our ``features``. A ``small``-stem ResNet (3x3 stride-1 ``conv1``, no max-pool)
+loads once ``conv1`` is replaced by that convolution and ``maxpool`` by ``nn.Identity()`` (the JSON says so).
 
-The sidecar ``<file>.json`` (also stored in the safetensors header) records the format, the timm model name where
-one matches (``vit_base_patch16_224``...), the keyword arguments that build the same model in timm otherwise, the
-image size, the input normalisation and the sha256 of the run's resolved config.
+The sidecar ``<file>.json`` (also stored in the safetensors header) records the format, the architecture, the
+timm model name where one matches (``vit_base_patch16_224``, ``resnet50``...), the keyword arguments that build the
+same model in timm, the image size, the input normalisation and the sha256 of the run's resolved config.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from sslpt.engine.config import ConfigError
+from sslpt.engine.models.resnet import BasicBlock, Bottleneck, ResNet, resnet_arch_name
 from sslpt.engine.models.vit import VisionTransformer
 
 FORMATS = ("timm", "torch")
@@ -126,16 +131,36 @@ def save_encoder(encoder: nn.Module, path: Path, *, fmt: str = "timm", pool: str
     """Write ``encoder`` to ``path`` (safetensors) and ``path.json``; returns the JSON's content."""
     from safetensors.torch import save_file
 
-    if not isinstance(encoder, VisionTransformer):
-        raise ExportError(f"export supports the engine's VisionTransformer encoder, got {type(encoder).__name__} "
-                          f"(ResNet encoders do not exist in the engine yet; see RESNET_RULES)")
-    kwargs = timm_vit_kwargs(encoder, pool)
-    meta = {"format": fmt, "architecture": "vit", "timm_model": timm_vit_name(kwargs), "timm_kwargs": kwargs,
-            "img_size": kwargs["img_size"], **(extra or {})}
+    if isinstance(encoder, ResNet):
+        meta, rules = {**resnet_meta(encoder, fmt, pool), **(extra or {})}, RESNET_RULES
+    elif isinstance(encoder, VisionTransformer):
+        kwargs = timm_vit_kwargs(encoder, pool)
+        meta = {"format": fmt, "architecture": "vit", "timm_model": timm_vit_name(kwargs), "timm_kwargs": kwargs,
+                "img_size": kwargs["img_size"], **(extra or {})}
+        rules = VIT_RULES
+    else:
+        raise ExportError(f"export supports the engine's VisionTransformer and ResNet encoders, got "
+                          f"{type(encoder).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(export_state(encoder, fmt), str(path), metadata={"sslpt": json.dumps(meta)})
+    save_file(export_state(encoder, fmt, rules), str(path), metadata={"sslpt": json.dumps(meta)})
     Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def resnet_meta(encoder: ResNet, fmt: str, pool: str = "mean") -> dict:
+    """The JSON of a ResNet export: its name, stem, channels, training resolution and how timm rebuilds it."""
+    if pool not in ("cls", "mean"):
+        raise ExportError(f"pool must be cls or mean, got {pool!r}")
+    name = resnet_arch_name(encoder)
+    meta = {"format": fmt, "architecture": "resnet", "model": name,
+            "block": encoder.block.__name__, "layers": list(encoder.layers), "resnet_stem": encoder.stem,
+            "in_chans": encoder.in_chans, "img_size": encoder.img_size, "embed_dim": encoder.embed_dim,
+            "timm_model": name, "timm_kwargs": {"in_chans": encoder.in_chans, "num_classes": 0},
+            "features": "global average pool of layer4 (timm forward with num_classes=0)"}
+    if encoder.stem == "small":
+        meta["stem_note"] = ("conv1 is a 3x3 stride-1 convolution (padding 1, no bias) and there is no max-pool: "
+                             "replace the library model's conv1 and set its maxpool to nn.Identity() before loading")
     return meta
 
 
@@ -190,10 +215,46 @@ def load_timm_state(encoder: VisionTransformer, state: dict[str, torch.Tensor]) 
     return rest
 
 
-def encoder_from_file(path: Path, attn_backend: str = "auto") -> tuple[VisionTransformer, dict]:
-    """The reverse of ``save_encoder`` for either format, and the import path for any timm ViT state dict file
-    (fine-tuning, frozen teachers): (encoder with the file's weights, metadata)."""
+def _resnet_from_state(state: dict[str, torch.Tensor], meta: dict) -> ResNet:
+    """A ResNet shaped as the file's tensors say (block type, blocks per stage, stem, channels)."""
+    try:
+        conv1 = state["conv1.weight"]
+        layers = [1 + max(int(m.group(1)) for k in state if (m := re.match(rf"layer{i}\.(\d+)\.", k)))
+                  for i in (1, 2, 3, 4)]
+    except (KeyError, ValueError) as err:
+        raise ExportError(f"not a torchvision/timm ResNet state: {err}") from err
+    block = Bottleneck if "layer1.0.conv3.weight" in state else BasicBlock
+    stem = {7: "imagenet", 3: "small"}.get(conv1.shape[-1])
+    if stem is None:
+        raise ExportError(f"conv1 is a {conv1.shape[-1]}x{conv1.shape[-1]} convolution: neither the imagenet (7x7) "
+                          f"nor the small (3x3) ResNet stem")
+    return ResNet(block, layers, in_chans=conv1.shape[1], stem=stem, img_size=meta.get("img_size"))
+
+
+def load_resnet_state(encoder: ResNet, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy a torchvision/timm-named ResNet state into ``encoder`` (strict over the encoder's tensors); returns
+    a classifier's ``fc.*`` tensors (anything else beyond the encoder is an error)."""
+    ours = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    rest = {k: v for k, v in state.items() if k.startswith("fc.")}
+    expected = encoder.state_dict()
+    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
+    wrong = [k for k in expected.keys() & ours.keys() if tuple(expected[k].shape) != tuple(ours[k].shape)]
+    if missing or unexpected or wrong:
+        raise ExportError(f"the file does not fit this ResNet: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                          f"shape mismatch {sorted(wrong)[:3]}")
+    encoder.load_state_dict(ours, strict=True)
+    return rest
+
+
+def encoder_from_file(path: Path, attn_backend: str = "auto") -> tuple[VisionTransformer | ResNet, dict]:
+    """The reverse of ``save_encoder`` for either format, and the import path for any timm ViT or
+    torchvision/timm ResNet state dict file (fine-tuning, frozen teachers): (encoder with the file's weights,
+    metadata). ``attn_backend`` applies to a ViT."""
     state, meta = read_encoder_file(path)
+    if meta.get("architecture") == "resnet" or "layer1.0.conv1.weight" in state:
+        encoder = _resnet_from_state(state, meta)
+        extras = load_resnet_state(encoder, state)
+        return encoder, {**meta, "extra_tensors": sorted(extras)}
     if meta.get("format") == "torch":   # our own names: rename to timm's first, then one import path
         state = {_rename(name, VIT_RULES): tensor for name, tensor in state.items()}
     shape = _vit_shape(state, meta)
@@ -203,5 +264,6 @@ def encoder_from_file(path: Path, attn_backend: str = "auto") -> tuple[VisionTra
     return encoder, {**meta, "extra_tensors": sorted(extras)}
 
 
-__all__ = ["export_state", "save_encoder", "read_encoder_file", "load_timm_state", "encoder_from_file",
-           "timm_vit_kwargs", "timm_vit_name", "VIT_RULES", "RESNET_RULES", "ExportError", "FORMATS"]
+__all__ = ["export_state", "save_encoder", "read_encoder_file", "load_timm_state", "load_resnet_state",
+           "encoder_from_file", "resnet_meta", "timm_vit_kwargs", "timm_vit_name", "VIT_RULES", "RESNET_RULES",
+           "ExportError", "FORMATS"]

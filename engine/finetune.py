@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sslpt.engine.config import require
+from sslpt.engine.config import ConfigError, require
 from sslpt import kernels
 from sslpt.engine.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint, select_checkpoint
 from sslpt.engine.data import build_eval_data, build_train_data
@@ -216,10 +216,10 @@ class FineTuner:
                                      crop_scale=d.crop_scale, hflip=d.hflip, val_fraction=d.val_fraction,
                                      batch_size=per_rank, seed=s.seed, device=self.device, rank=self.dist.rank,
                                      world_size=world, num_workers=d.num_workers, synthetic_size=d.synthetic_size,
-                                     max_image_pixels=d.max_image_pixels)
+                                     max_image_pixels=d.max_image_pixels, decoder=d.decoder)
         _, train_y, self.val_x, self.val_y = build_eval_data(
             d.name, path=d.path, img_size=m.img_size, channels=m.in_chans, val_fraction=d.val_fraction, seed=0,
-            synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels, max_images=None)
+            synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels, max_images=None, decoder=d.decoder)
         self.classes = int(max(train_y.max(), self.val_y.max())) + 1
         torch.manual_seed(s.seed)   # the head's initial weights, the same on every rank
         self.module = Classifier(encoder, self.classes, s.pool, s.drop_path).to(self.device)
@@ -320,6 +320,9 @@ def run_finetune(args) -> dict:
     default = "digits" if _data_name(args) == "digits" else "vit_base_100ep"
     s, overrides = protocol_settings(FinetuneSettings, PRESETS, args.preset, default, args.overrides, "finetune")
     cfg, encoder, what = load_encoder(args.source, overrides, random_init=args.random_init)
+    if not isinstance(encoder, VisionTransformer):   # the recipe (layer decay, drop path, pooling) is ViT-only
+        raise ConfigError(f"finetune implements MAE's ViT recipe; {args.source} holds a {type(encoder).__name__} "
+                          f"(use linprobe, or export it and fine-tune with torchvision/timm)")
     out = output_dir(args, "finetune")
     tuner = FineTuner(cfg, encoder, s, out, resume=args.resume, show_progress=not args.quiet, source=what)
     try:

@@ -151,7 +151,7 @@ def run_linprobe(args) -> dict:
     m, d = cfg.model, cfg.data
     _, _, val_x, val_y = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                                          val_fraction=d.val_fraction, seed=0, synthetic_size=d.synthetic_size,
-                                         max_image_pixels=d.max_image_pixels)
+                                         max_image_pixels=d.max_image_pixels, decoder=d.decoder)
 
     def feats(imgs):
         return extract_features(lambda x: encoder.features(x.float(), pool=s.pool), imgs, 256, device)
@@ -161,7 +161,7 @@ def run_linprobe(args) -> dict:
         data = build_train_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                                 crop_scale=d.crop_scale, hflip=d.hflip, val_fraction=d.val_fraction,
                                 batch_size=s.batch_size, seed=s.seed, device=device, num_workers=d.num_workers,
-                                synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels)
+                                synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels, decoder=d.decoder)
 
         def features_for_epoch(epoch):
             for imgs, labels in data.batches(epoch):
@@ -170,7 +170,8 @@ def run_linprobe(args) -> dict:
     else:
         train_x, train_y, _, _ = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                                                  val_fraction=d.val_fraction, seed=0,
-                                                 synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels)
+                                                 synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels,
+                                                 decoder=d.decoder)
         train_f = feats(train_x)
         classes = int(max(train_y.max(), val_y.max())) + 1
 

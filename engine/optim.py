@@ -1,4 +1,4 @@
-"""AdamW with MAE's weight-decay rules and its per-iteration warmup + cosine schedule."""
+"""AdamW (or SGD) with MAE's weight-decay rules and its per-iteration warmup + cosine schedule."""
 from __future__ import annotations
 
 import math
@@ -15,14 +15,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+    return [{"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0},
+            {"params": decay, "weight_decay": weight_decay}]
 
 
-def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.AdamW:
-    """Fused AdamW: one kernel per step, and it skips a step on the device when told of inf/NaN gradients
-    (the engine's non-finite guard relies on that to avoid a host sync per step)."""
-    return torch.optim.AdamW(param_groups(model, optim_cfg.weight_decay), lr=lr, betas=tuple(optim_cfg.betas),
-                             fused=True)
+def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optimizer:
+    """``optim.name``: fused AdamW (one kernel per step; it skips a step on the device when told of inf/NaN
+    gradients, which the engine's non-finite guard relies on to avoid a host sync per step), or momentum SGD.
+    SGD is not fused: PyTorch's fused SGD leaves its momentum buffers uninitialised when the first step is
+    skipped that way, so a skipped SGD step costs one host sync instead."""
+    groups = param_groups(model, optim_cfg.weight_decay)
+    if getattr(optim_cfg, "name", "adamw") == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.sgd_momentum, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), fused=True)
 
 
 @torch.no_grad()
@@ -49,6 +54,21 @@ def lr_at(epoch_float: float, lr: float, min_lr: float, warmup_epochs: float, to
     span = max(total_epochs - warmup_epochs, 1e-8)
     progress = min((epoch_float - warmup_epochs) / span, 1.0)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def weight_decay_at(epoch_float: float, start: float, end: float | None, total_epochs: int) -> float:
+    """DINO's per-iteration weight-decay schedule: half-cycle cosine from ``start`` to ``end`` over the run
+    (no warmup); ``end`` None: constant ``start``."""
+    if end is None:
+        return start
+    progress = min(max(epoch_float / max(total_epochs, 1e-8), 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """The scheduled weight decay times each group's ``wd_scale`` (default 1; 0 for biases and 1-D params)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group.get("wd_scale", 1.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -33,7 +33,8 @@ def run_probe(cfg: Config, objective: Objective, device) -> dict:
     try:
         data = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                                val_fraction=d.val_fraction, seed=0, synthetic_size=d.synthetic_size,
-                               max_images=cfg.train.probe_max_images, max_image_pixels=d.max_image_pixels)
+                               max_images=cfg.train.probe_max_images, max_image_pixels=d.max_image_pixels,
+                               decoder=d.decoder)
     except ValueError as err:   # e.g. a flat val/ folder: a one-line message, not a traceback
         raise ConfigError(f"data.path={d.path!r}: {err}") from err
     with torch.random.fork_rng(devices=[]):
@@ -45,8 +46,9 @@ def run_probe(cfg: Config, objective: Objective, device) -> dict:
     random = probe_encoder(random_encoder, data, device, shots)
     out = {f"{k}_{who}": v for who, res in (("pretrained", pretrained), ("random", random)) for k, v in res.items()}
     protocol = {
-        "features": "frozen encoder in eval mode, final LayerNorm: the cls token (cls) and the mean of the patch "
-                    "tokens (mean), full images without augmentation",
+        "features": "frozen encoder in eval mode, full images without augmentation; a ViT: after its final "
+                    "LayerNorm, the cls token (cls) and the mean of the patch tokens (mean); a ResNet: its "
+                    "globally pooled last stage under both names",
         "linear": "L-BFGS multinomial logistic regression on every train label (weight decay 1e-4, 200 iterations)",
         "few_shot": f"the same probe fitted on {shots} labels per class, mean accuracy over 20 class-balanced "
                     f"draws (the same draws for both encoders)" if shots else "off",

@@ -30,7 +30,7 @@ from sslpt.engine.eval import fit_linear_classifier
 from sslpt.engine.loggers import Loggers
 from sslpt.engine.models.heads import sync_batchnorm_if_distributed
 from sslpt.engine.objectives import EvalOutput, StepContext, build_objective
-from sslpt.engine.optim import base_lr, clip_grad_per_param_, lr_at, set_lr
+from sslpt.engine.optim import base_lr, clip_grad_per_param_, lr_at, set_lr, set_weight_decay, weight_decay_at
 from sslpt.engine.probe import run_probe
 from sslpt.engine.progress import PEAK_TFLOPS, MetricWindow, Progress, format_duration, peak_tflops, progress_fields
 from sslpt.engine.run_dir import RunDirError, RunLock, check_run_name, no_space, write_atomic
@@ -172,7 +172,8 @@ class Trainer:
                                          crop_scale=d.crop_scale, hflip=d.hflip, val_fraction=d.val_fraction,
                                          batch_size=t.batch_size, seed=t.seed, device=self.device,
                                          rank=self.dist.rank, world_size=world, num_workers=d.num_workers,
-                                         synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels)
+                                         synthetic_size=d.synthetic_size, max_image_pixels=d.max_image_pixels,
+                                         decoder=d.decoder)
         except ValueError as err:   # the data and the config do not fit: a one-line message naming the field
             raise ConfigError(f"data.name={d.name!r}: {err}") from err
         self.skipped_images = 0
@@ -349,6 +350,7 @@ class Trainer:
             self.scaler.scale(loss / t.accum_steps).backward()
         self.step_skipped = None
         if update:
+            self.objective.before_optimizer_step(ctx)
             self.step_skipped = train_step_optimizer(self.optimizers, self.scaler, self.cfg.optim.clip_grad,
                                                      self.cfg.optim.clip_mode)
             for optimizer in self.optimizers:
@@ -372,6 +374,10 @@ class Trainer:
                 lr = lr_at(epoch + i / spe, self.lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, t.epochs)
                 for optimizer in self.optimizers:
                     set_lr(optimizer, lr)
+                if cfg.optim.weight_decay_end is not None:
+                    wd = weight_decay_at(epoch + i / spe, cfg.optim.weight_decay, cfg.optim.weight_decay_end, t.epochs)
+                    for optimizer in self.optimizers:
+                        set_weight_decay(optimizer, wd)
                 ctx = self.context(epoch, step)
                 update = (i + 1) % t.accum_steps == 0 or i + 1 == spe
                 loss, metrics = self.train_step(imgs, ctx, update)
@@ -481,7 +487,7 @@ class Trainer:
             _, _, val_x, val_y = build_eval_data(d.name, path=d.path, img_size=m.img_size, channels=m.in_chans,
                                                  val_fraction=d.val_fraction, seed=0,
                                                  synthetic_size=d.synthetic_size, max_images=64,
-                                                 max_image_pixels=d.max_image_pixels)
+                                                 max_image_pixels=d.max_image_pixels, decoder=d.decoder)
             self._eval_imgs, self._eval_labels = val_x[:64].to(self.device), val_y[:64]
         return self._eval_imgs
 
@@ -493,7 +499,7 @@ class Trainer:
             m, d = self.cfg.model, self.cfg.data
             if d.name == "digits":
                 train_x, train_y, _, _ = build_eval_data(d.name, img_size=m.img_size, channels=m.in_chans,
-                                                         val_fraction=d.val_fraction, seed=0)
+                                                         val_fraction=d.val_fraction, seed=0, decoder=d.decoder)
                 self._readout = fit_linear_classifier(train_x.flatten(1), train_y)
         return self._readout
 

@@ -32,6 +32,16 @@ The average of those losses over ranks is the global-batch loss, and DDP's gradi
 then gives exactly the gradient of the global-batch loss that one process holding the whole batch would
 get. Input gradients on a rank are therefore W times the single-process ones. If gradients are summed
 across ranks instead of averaged, divide the loss by the world size. Ranks must hold equal N_local.
+
+Against a queue (MoCo v2, DenseCL): ``queue`` [Q, d] holds keys of earlier steps, extra negatives for every row.
+With in_batch_negatives=True row i's candidates are all (gathered) keys and the queue; with False (MoCo v2's
+form) only its own positive k_i and the queue: logits [q_i . k_i ; q_i . queue_j for all j] / tau, label 0.
+The queue is one more block of columns for the same streaming lse kernels (``sslpt::info_nce_queue_lse``):
+lse_i over the queue is merged with the positive (or the in-batch lse) by a logaddexp, never an N x (N + Q)
+matrix. The queue is a constant: it never receives a gradient (the caller's queue is detached). In MoCo v2's
+form the positive's gradient terms (P_pos - 1) k_i are added to the kernel's fp32 queue gradient before one
+rounding to the input dtype, for the same reason as above. With a group the queue is the same on every rank
+(all ranks enqueue the gathered keys), so it is never gathered.
 """
 from __future__ import annotations
 
@@ -110,16 +120,25 @@ def rank_in(group) -> int:
 # Reference: materialised logits + F.cross_entropy (the truth; the CPU path)
 # ----------------------------------------------------------------------------------------------
 def info_nce_ref(q: torch.Tensor, k: torch.Tensor, temperature, normalize: bool = True,
-                 symmetric: bool = False, group=None) -> torch.Tensor:
+                 symmetric: bool = False, group=None, queue: Optional[torch.Tensor] = None,
+                 in_batch_negatives: bool = True) -> torch.Tensor:
     dtype = torch.promote_types(q.dtype, torch.float32)
     q, k = q.to(dtype), k.to(dtype)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     scale = inverse_temperature(temperature, q.device, dtype)
+    if queue is not None:
+        queue = queue.detach().to(dtype)
+        queue = F.normalize(queue, dim=-1) if normalize else queue
+        if not in_batch_negatives:  # MoCo v2: [positive ; queue], label 0
+            logits = torch.cat([(q * k).sum(-1, keepdim=True), q @ queue.T], dim=1) * scale
+            return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
     labels = torch.arange(q.shape[0], device=q.device)
     if group is not None:
         labels = labels + rank_in(group) * q.shape[0]
     keys = gather_with_grad(k, group) if group is not None else k
+    if queue is not None:
+        return F.cross_entropy(torch.cat([q @ keys.T, q @ queue.T], dim=1) * scale, labels)
     loss = F.cross_entropy(q @ keys.T * scale, labels)
     if symmetric:
         queries = gather_with_grad(q, group) if group is not None else q
@@ -448,6 +467,61 @@ def _lse_backward(ctx, grad_row, grad_col, grad_pos):
 info_nce_lse = define("info_nce_lse", _lse_triton, fake=_lse_fake, backward=_lse_backward, setup_context=_lse_setup)
 
 
+def _queue_lse_triton(q: torch.Tensor, k: Optional[torch.Tensor], queue: torch.Tensor, scale: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lse [R], positive logits [R], lse over the queue alone [R]), all fp32, of the rows of q against the queue.
+
+    With k (MoCo v2's form) row r's candidates are [q_r . k_r ; q_r . queue] * scale and lse includes the
+    positive; without k, lse is over the queue alone (merged with the in-batch lse by the caller) and pos is 0.
+    """
+    queue_lse = lse_forward(q, queue, scale)[0]
+    if k is None:
+        return queue_lse.clone(), torch.zeros_like(queue_lse), queue_lse
+    pos = (q.float() * k.float()).sum(-1) * scale.detach().float()
+    return torch.logaddexp(pos, queue_lse), pos, queue_lse
+
+
+def _queue_lse_fake(q, k, queue, scale):
+    rows = q.new_empty(q.shape[0], dtype=torch.float32)
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
+
+
+def _queue_lse_setup(ctx, inputs, output):
+    q, k, queue, scale = inputs
+    ctx.has_k = k is not None
+    ctx.save_for_backward(q, k if k is not None else q.new_empty(0), queue, scale, output[0], output[2])
+
+
+def _queue_lse_backward(ctx, grad_lse, grad_pos, grad_queue_lse):
+    """dL/dq = scale [sum_j (g P_ij + h Pq_ij) queue_j + (g P_pos + p) k] with P the softmax over [pos; queue],
+    Pq the softmax over the queue alone (h: the gradient of the queue-only lse); the k term is added in fp32
+    before the one rounding. The queue gets no gradient."""
+    q, k, queue, scale, lse, queue_lse = ctx.saved_tensors
+    need_q, need_k, _, need_scale = ctx.needs_input_grad
+    zero = torch.zeros_like(lse)
+    g = zero if grad_lse is None else grad_lse.float()
+    h = zero if grad_queue_lse is None else grad_queue_lse.float()
+    # the queue columns' weight in the row softmax over [pos; queue] is exp(queue_lse - lse) of the queue-only one
+    queue_weight = g * torch.exp(queue_lse - lse) + h
+    dq = dk = dscale = None
+    if need_q or need_k or need_scale:
+        s = scale.detach().float()
+        dq = lse_bwd_op(q, queue, scale, queue_lse, queue_weight, None, None, None, None, False, 0, 0, 0, 0)
+        if ctx.has_k:
+            p = zero if grad_pos is None else grad_pos.float()
+            pos_weight = (g * torch.exp((q.float() * k.float()).sum(-1) * s - lse) + p)[:, None] * s
+            dq = dq + pos_weight * k.float()
+            dk = (pos_weight * q.float()).to(k.dtype) if need_k else None
+        if need_scale:  # every logit is linear in scale: dL/dscale = (1/scale) sum_i q_i . dL/dq_i
+            dscale = (q.float() * dq).sum() / scale
+        dq = dq.to(q.dtype) if need_q else None
+    return dq, dk, None, dscale
+
+
+info_nce_queue_lse = define("info_nce_queue_lse", _queue_lse_triton, fake=_queue_lse_fake,
+                            backward=_queue_lse_backward, setup_context=_queue_lse_setup)
+
+
 def triton_supports(device, a: torch.Tensor, b: torch.Tensor, *_) -> Optional[str]:
     """Whether the Triton kernels serve rows a, b of width d (info_nce and nt_xent): None, or why not."""
     why = triton_reason(device, a, b)
@@ -458,11 +532,19 @@ def triton_supports(device, a: torch.Tensor, b: torch.Tensor, *_) -> Optional[st
     return why
 
 
-def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows computed in fp32, rounded once to the input dtype that the kernel reads."""
+    return F.normalize(x.float(), dim=-1).to(x.dtype)
+
+
+def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group,
+                    queue: Optional[torch.Tensor] = None, in_batch_negatives: bool = True) -> torch.Tensor:
     scale = inverse_temperature(temperature, q.device)
-    if normalize:  # in fp32, rounded once to the input dtype that the kernel reads
-        q = F.normalize(q.float(), dim=-1).to(q.dtype)
-        k = F.normalize(k.float(), dim=-1).to(k.dtype)
+    if normalize:
+        q, k = _normalized(q), _normalized(k)
+    if queue is not None:
+        queue = _normalized(queue.detach()) if normalize else queue.detach()
+        return _info_nce_queue_triton(q, k, scale, group, queue, in_batch_negatives)
     if group is None:
         row, col, pos = info_nce_lse(q, k, scale, symmetric, 0)
         loss = (row - pos).mean()
@@ -474,6 +556,17 @@ def info_nce_triton(q, k, temperature, normalize: bool, symmetric: bool, group) 
         col, _, pos_k = info_nce_lse(k, gather_with_grad(q, group), scale, False, offset)
         loss = 0.5 * (loss + (col - pos_k).mean())
     return loss
+
+
+def _info_nce_queue_triton(q, k, scale, group, queue, in_batch_negatives: bool) -> torch.Tensor:
+    if not in_batch_negatives:   # [positive ; queue]: no other key, so nothing to gather across ranks
+        lse, pos, _ = info_nce_queue_lse(q, k, queue, scale)
+        return (lse - pos).mean()
+    offset = rank_in(group) * q.shape[0] if group is not None else 0
+    keys = gather_with_grad(k, group) if group is not None else k
+    row, _, pos = info_nce_lse(q, keys, scale, False, offset)
+    queue_lse = info_nce_queue_lse(q, None, queue, scale)[0]
+    return (torch.logaddexp(row, queue_lse) - pos).mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +667,8 @@ info_nce_lse_cuda = define("info_nce_lse_cuda", _lse_cuda, fake=_lse_fake, backw
                            setup_context=_lse_setup)
 
 
-def info_nce_cuda(q, k, temperature, normalize: bool, symmetric: bool, group) -> torch.Tensor:
+def info_nce_cuda(q, k, temperature, normalize: bool, symmetric: bool, group,
+                  queue: Optional[torch.Tensor] = None, in_batch_negatives: bool = True) -> torch.Tensor:
     scale = inverse_temperature(temperature, q.device)
     if normalize:  # as the Triton path: in fp32, rounded once to the input dtype
         q = F.normalize(q.float(), dim=-1).to(q.dtype)
@@ -596,7 +690,9 @@ _OP = define_op(
     "info_nce",
     reference=Impl(info_nce_ref),
     triton=Impl(info_nce_triton, triton_supports),
-    cuda=Impl(info_nce_cuda, lambda device, q, k, *_: cuda_reason(device, q, k)),
+    cuda=Impl(info_nce_cuda, lambda device, q, k, *args: ("the CUDA kernel has no queue: use backend='triton'"
+                                                           if len(args) > 4 and args[4] is not None
+                                                           else cuda_reason(device, q, k))),
 )
 
 
@@ -612,8 +708,8 @@ def check_pair(names: tuple[str, str], a: torch.Tensor, b: torch.Tensor) -> None
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor, *, normalize: bool = True,
-             symmetric: bool = False, group: torch.distributed.ProcessGroup | None = None,
-             backend: Optional[str] = None) -> torch.Tensor:
+             symmetric: bool = False, queue: Optional[torch.Tensor] = None, in_batch_negatives: bool = True,
+             group: torch.distributed.ProcessGroup | None = None, backend: Optional[str] = None) -> torch.Tensor:
     """InfoNCE: row i of ``q`` against all keys, positive ``k[i]``; mean cross-entropy over rows.
 
     Args:
@@ -622,6 +718,13 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor
             learnable temperature; checked without a host sync on accelerators and under torch.compile).
         normalize: L2-normalise q and k first (cosine similarity).
         symmetric: average the q->k and k->q directions (CLIP). MoCo v3's extra factor 2*tau is not applied.
+        queue: [Q, d] extra negatives for every row (MoCo v2 / DenseCL's memory of earlier keys), same dtype and
+            device; normalised like q and k when ``normalize``. Never receives a gradient (it is detached). The
+            caller keeps and updates it (``engine.models.queue.FeatureQueue``); with a group it must be the same
+            on every rank. Not with ``symmetric``.
+        in_batch_negatives: with a queue, whether the other rows' keys (all ranks' with a group) are negatives
+            too (True) or row i contrasts only its positive k[i] against the queue (False: MoCo v2, DenseCL).
+            False needs a queue.
         group: a torch.distributed process group: negatives are the keys of all its ranks (all-gathered
             with gradient). Each rank returns the mean over its own rows; averaging gradients over ranks
             (DDP) gives the gradient of the global-batch loss. See the module docstring.
@@ -629,10 +732,11 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor
     Returns:
         a 0-dim loss: fp32 (float64 for float64 inputs).
 
-    Backends: reference (materialises the [N, N] logits, [N, W*N] with a group of W ranks; F.cross_entropy);
-    triton (never materialises the logits: O(N d) memory, logits recomputed tile by tile in the backward);
-    cuda (cuBLAS logits in blocks of at most 2**27 fp32 values, i.e. 512 MiB, at a time). ``auto`` picks
-    Triton on CUDA tensors, the reference elsewhere and wherever Triton cannot serve the call.
+    Backends: reference (materialises the [N, N] logits, [N, W*N] with a group of W ranks, [N, N + Q] or
+    [N, 1 + Q] with a queue; F.cross_entropy); triton (never materialises the logits: O(N d) memory, logits
+    recomputed tile by tile in the backward; the queue is streamed as more columns); cuda (cuBLAS logits in
+    blocks of at most 2**27 fp32 values, i.e. 512 MiB, at a time; no queue). ``auto`` picks Triton on CUDA
+    tensors, the reference elsewhere and wherever Triton cannot serve the call.
     Dtypes: float32, float16, bfloat16 on every backend (fp32 accumulation; the loss is fp32); float64 on
     the reference only.
     Limits: the Triton kernels need d <= 2048 (MAX_TRITON_DIM; ``auto`` falls back to the reference above
@@ -640,4 +744,18 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor
     """
     check_pair(("q", "k"), q, k)
     check_temperature(temperature, q.device)
-    return _OP(backend, q.device, q, k, temperature, bool(normalize), bool(symmetric), group)
+    if queue is not None:
+        check_tensor("queue", queue, ndim=2, dtypes=FLOAT_DTYPES, device=q.device)
+        check_shape("queue", queue, [None, q.shape[1]])
+        if queue.dtype != q.dtype:
+            raise TypeError(f"queue must have the dtype of q ({q.dtype}), got {queue.dtype}")
+        if queue.shape[0] < 1:
+            raise ValueError("queue must have at least one row (or pass queue=None)")
+        if symmetric:
+            raise ValueError("symmetric=True cannot be combined with a queue: the queue holds keys, negatives of "
+                             "the q -> k direction only")
+    elif not in_batch_negatives:
+        raise ValueError("in_batch_negatives=False needs a queue: without one a row would have no negative")
+    if queue is None:  # the call of before (and what choose() sees for it)
+        return _OP(backend, q.device, q, k, temperature, bool(normalize), bool(symmetric), group)
+    return _OP(backend, q.device, q, k, temperature, bool(normalize), False, group, queue, bool(in_batch_negatives))

@@ -12,7 +12,7 @@ from sslpt.engine.config import ConfigError, load_config
 from sslpt.engine.data.views import ViewAugment, augment_view, batch_pixel_range, two_views
 from sslpt.engine.models.heads import mlp_head
 from sslpt.engine.objectives import StepContext, build_objective
-from sslpt.engine.objectives.mocov3 import moco_momentum
+from sslpt.engine.ema import cosine_momentum as moco_momentum
 from sslpt.engine.train import pretrain
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",

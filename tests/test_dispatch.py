@@ -37,7 +37,13 @@ def _cases():
     scores = torch.randn(2, 16)
     q, k = torch.randn(4, 8), torch.randn(4, 8)
     qa = torch.randn(1, 2, 4, 16)
+    ps, pt, pw = torch.randn(8, 8), torch.randn(4, 8), torch.randn(5, 8)
+    f1, f2 = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
     return {
+        "dense_match": Case((f1, f2), {}, lambda b: kernels.dense_match(f1, f2, backend=b), "triton", "reference"),
+        "prototype_cross_entropy": Case((ps, pt, pw, pw, None, 0.1, 0.04, 2, "cross"), {},
+                                        lambda b: kernels.prototype_cross_entropy(ps, pt, pw, pw, backend=b),
+                                        "triton", "reference"),
         "gather_tokens": Case((x, ids), {}, lambda b: kernels.gather_tokens(x, ids, backend=b), "triton",
                               "reference"),
         "scatter_tokens": Case((x_vis, ids, 5, fill), {},

@@ -109,3 +109,92 @@ def test_export_command_writes_safetensors_and_json(tiny_run, tmp_path, capsys):
     imgs = torch.randn(4, 1, 8, 8)
     assert torch.equal(loaded.eval().features(imgs, "cls"), objective.encoder.eval().features(imgs, "cls"))
     assert main(["export", str(tiny_run / "nothing")]) == 2
+
+
+# ---------------------------------------------------------------- ResNet encoders
+
+def _trained_looking_resnet(**kw):
+    """A ResNet whose BatchNorm statistics and affine parameters are not their init (they must travel too)."""
+    from sslpt.engine.models.resnet import build_resnet
+
+    torch.manual_seed(0)
+    encoder = build_resnet(**kw)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.running_mean.add_(0.1 * torch.randn_like(m.running_mean))
+                m.running_var.mul_(1 + 0.2 * torch.rand_like(m.running_var))
+    return encoder.eval()
+
+
+@pytest.mark.parametrize("fmt", ["timm", "torch"])
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+def test_resnet_file_round_trip_gives_identical_features(tmp_path, fmt, stem):
+    encoder = _trained_looking_resnet(arch="resnet18", stem=stem, in_chans=1, img_size=32)
+    path = tmp_path / "resnet.safetensors"
+    meta = save_encoder(encoder, path, fmt=fmt, extra={"config_sha256": "x" * 64})
+    assert json.loads((tmp_path / "resnet.safetensors.json").read_text()) == meta
+    assert meta["architecture"] == "resnet" and meta["model"] == "resnet18" and meta["resnet_stem"] == stem
+    assert meta["in_chans"] == 1 and meta["img_size"] == 32 and meta["embed_dim"] == 512
+    assert meta["timm_kwargs"] == {"in_chans": 1, "num_classes": 0} and meta["timm_model"] == "resnet18"
+    assert ("stem_note" in meta) == (stem == "small")
+    tensors, _ = read_encoder_file(path)
+    assert set(tensors) == set(encoder.state_dict())   # torchvision's names in both formats, statistics included
+    loaded, info = encoder_from_file(path)
+    assert loaded.stem == stem and loaded.in_chans == 1 and loaded.img_size == 32 and info["extra_tensors"] == []
+    imgs = torch.randn(3, 1, 32, 24)
+    for pool in ("cls", "mean"):
+        assert torch.equal(loaded.eval().features(imgs, pool), encoder.features(imgs, pool))
+
+
+def test_resnet_import_without_metadata_reads_the_layout_and_keeps_fc(tmp_path):
+    from safetensors.torch import save_file
+
+    from sslpt.engine.models.resnet import Bottleneck, ResNet
+
+    source = ResNet(Bottleneck, [1, 2, 1, 1], in_chans=3, num_classes=5).eval()
+    state = export_state(source, rules=RESNET_RULES)
+    save_file(state, str(tmp_path / "bare.safetensors"))
+    loaded, info = encoder_from_file(tmp_path / "bare.safetensors")
+    assert loaded.block is Bottleneck and loaded.layers == (1, 2, 1, 1) and loaded.stem == "imagenet"
+    assert info["extra_tensors"] == ["fc.bias", "fc.weight"] and loaded.fc is None
+    imgs = torch.randn(2, 3, 40, 40)
+    assert torch.equal(loaded.eval().features(imgs), source.features(imgs))
+    state["layer2.1.bn3.running_var"] = torch.ones(3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ExportError, match="does not fit this ResNet.*shape mismatch"):
+        encoder_from_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ExportError, match="no timm name for tensor 'extra.weight'"):
+        export_state(torch.nn.ModuleDict({"conv1": torch.nn.Conv2d(1, 1, 1), "extra": torch.nn.Linear(1, 1)}),
+                     rules=RESNET_RULES)
+
+
+@pytest.fixture(scope="module")
+def resnet_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export_resnet") / "run"
+    overrides = ["model.arch=resnet18", "model.resnet_stem=small", "data.name=synthetic", "data.synthetic_size=32",
+                 "train.batch_size=16", "train.epochs=1", "train.probe=false", "train.eval_every=0",
+                 "train.cpu_threads=1", "train.precision=fp32", "objective.simclr.proj_hidden=32",
+                 "objective.simclr.proj_dim=16"]
+    pretrain(load_config("simclr_digits", overrides), run_dir=run_dir, show_progress=False)
+    return run_dir
+
+
+def test_resnet_run_exports_and_loads_back(resnet_run, tmp_path):
+    from sslpt.engine.pretrained import load_encoder, load_run
+
+    out = tmp_path / "encoder.safetensors"
+    assert main(["export", str(resnet_run), "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "encoder.safetensors.json").read_text())
+    assert meta["architecture"] == "resnet" and meta["objective"] == "simclr" and len(meta["config_sha256"]) == 64
+    assert meta["img_size"] == 8 and meta["resnet_stem"] == "small" and len(meta["normalisation"]["mean"]) == 1
+    _, objective, _ = load_run(resnet_run)
+    cfg, loaded, _ = load_encoder(out, ["data.name=synthetic"])
+    m = cfg.model
+    assert (m.arch, m.resnet_stem, m.in_chans, m.img_size) == ("resnet18", "small", 1, 8)
+    imgs = torch.randn(4, 1, 8, 8)
+    assert torch.equal(loaded.eval().features(imgs), objective.encoder.eval().features(imgs))
+    _, random, what = load_encoder(out, random_init=True)
+    assert what == "random init" and type(random) is type(loaded)
+    assert not torch.equal(random.conv1.weight, loaded.conv1.weight)

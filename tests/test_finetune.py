@@ -109,3 +109,13 @@ def test_finetune_command_writes_result(tiny_file, tmp_path):
     assert result["settings"]["pool"] == "cls" and result["epochs"] == 1 and len(result["history"]) == 1
     assert (out / "metrics.jsonl").read_text().count('"type": "train"') == 1
     assert main(["finetune", str(tiny_file), "--set", "finetune.layer_decay=2"]) == 2
+
+
+def test_finetune_of_a_resnet_says_it_is_vit_only(tmp_path, capsys):
+    from sslpt.engine.export import save_encoder
+    from sslpt.engine.models.resnet import build_resnet
+
+    path = tmp_path / "r18.safetensors"
+    save_encoder(build_resnet("resnet18", in_chans=1, stem="small", img_size=8), path)
+    assert main(["finetune", str(path), "--run-dir", str(tmp_path / "ft")]) == 2
+    assert "MAE's ViT recipe" in capsys.readouterr().err

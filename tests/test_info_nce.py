@@ -160,7 +160,7 @@ def test_gpu_against_reference(d, dtype, rtol, symmetric):
 
 
 def test_benchmark_smoke():
-    from benchmarks.bench_contrastive import FAMILIES, PROVIDERS, run
+    from benchmarks.bench_contrastive import FAMILIES, MATCH_FAMILIES, PROVIDERS, run
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: threads only add contention on a shared CPU
@@ -171,6 +171,9 @@ def test_benchmark_smoke():
     for family in FAMILIES:
         names = {r.provider for r in rows if r.family == family}
         assert names == set(PROVIDERS), (family, names)
+    for family in MATCH_FAMILIES:   # forward only, no chunked or CUDA provider
+        assert {(r.provider, r.mode) for r in rows if r.family == family} == \
+            {("reference", "fwd"), ("compile", "fwd"), ("triton", "fwd")}
     assert all(r.ms > 0 for r in rows if r.provider in ("reference", "chunked", "triton"))
 
 
@@ -206,3 +209,204 @@ def test_auto_skips_triton_where_no_gpu_config_fits():
     choice = choose("info_nce", "auto", "cuda", q, q, 0.1, True, False, None)
     assert choice.name == "reference" and "227 KB" in choice.skipped["triton"]
     assert choose("info_nce", "auto", "cuda", q.bfloat16(), q.bfloat16(), 0.1, True, False, None).name == "triton"
+
+
+# ---- against a queue (MoCo v2 / DenseCL): extra negatives streamed as columns, no gradient to the queue ------
+
+def _run_queue(fn, q, k, queue, temperature, **kw):
+    """Loss and the gradients of q, k and the temperature; the queue asks for a gradient and must get none."""
+    q, k, queue = q.detach().requires_grad_(), k.detach().requires_grad_(), queue.detach().requires_grad_()
+    t = temperature.detach().requires_grad_()
+    loss = fn(q, k, t, queue=queue, **kw)
+    loss.backward()
+    assert queue.grad is None
+    return loss.detach(), q.grad, k.grad, t.grad
+
+
+def _explicit_queue_loss(q, k, queue, tau, in_batch, normalize):
+    """The loss written out in float64: -log softmax of the positive among [keys or k_i ; queue]."""
+    q, k, queue = (F.normalize(x.double(), dim=-1) if normalize else x.double() for x in (q, k, queue))
+    neg = q @ queue.T / tau
+    pos = (q * k).sum(-1) / tau
+    if in_batch:
+        return (torch.logsumexp(torch.cat([q @ k.T / tau, neg], 1), 1) - pos).mean()
+    return (torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos).mean()
+
+
+QUEUE_CASES = [  # N, Q, d, in_batch_negatives, normalize (1 row, 1 queue entry, sizes off the tile)
+    (1, 1, 16, False, True),
+    (37, 50, 24, False, True),
+    (37, 70, 100, True, True),
+    (20, 33, 64, False, False),
+    (5, 100, 16, True, False),
+]
+
+
+@pytest.mark.parametrize("n,size,d,in_batch,normalize", QUEUE_CASES)
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_queue_matches_float64_reference(n, size, d, in_batch, normalize, dtype, rtol):
+    g = torch.Generator().manual_seed(n + size)
+    q, k, queue = (torch.randn(r, d, generator=g) for r in (n, n, size))
+    if not normalize:  # unit rows, so the logits stay O(1 / tau)
+        q, k, queue = (F.normalize(x, dim=-1) for x in (q, k, queue))
+    q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
+    tau = torch.tensor(0.2)
+    kw = dict(in_batch_negatives=in_batch, normalize=normalize)
+    want = _run_queue(info_nce_ref, q.double(), k.double(), queue.double(), tau.double(), **kw)
+    torch.testing.assert_close(want[0], _explicit_queue_loss(q, k, queue, 0.2, in_batch, normalize))
+    for backend in ("reference", "triton"):
+        got = _run_queue(info_nce, q, k, queue, tau, backend=backend, **kw)
+        assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+        torch.testing.assert_close(got[0].double(), want[0], atol=rtol * max(1.0, want[0].abs().item()), rtol=0)
+        for g_, w in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g_.double(), w, atol=rtol * w.abs().max().item() + 1e-12, rtol=0)
+
+
+def test_queue_unwritten_outputs_would_show(poisoned):
+    from sslpt.kernels.info_nce import info_nce_queue_lse
+
+    q, k, queue = torch.randn(37, 24), torch.randn(37, 24), torch.randn(70, 24)
+    scale = torch.tensor(4.0)
+    lse, pos, queue_lse = info_nce_queue_lse(q, k, queue, scale)
+    want_pos = (q * k).sum(-1) * 4
+    torch.testing.assert_close(queue_lse, torch.logsumexp(q @ queue.T * 4, 1))
+    torch.testing.assert_close(pos, want_pos)
+    torch.testing.assert_close(lse, torch.logsumexp(torch.cat([want_pos[:, None], q @ queue.T * 4], 1), 1))
+
+
+def test_queue_custom_op_registration():
+    from sslpt.kernels.info_nce import info_nce_queue_lse
+
+    q, k = torch.randn(20, 16, requires_grad=True), torch.randn(20, 16, requires_grad=True)
+    queue, scale = torch.randn(40, 16), torch.tensor(3.0, requires_grad=True)
+    for args in ((q, k, queue, scale), (q, None, queue, scale)):
+        torch.library.opcheck(info_nce_queue_lse, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_queue_compiles_fullgraph(backend):
+    torch._dynamo.reset()
+    q, k, queue = torch.randn(12, 16, requires_grad=True), torch.randn(12, 16), torch.randn(30, 16)
+    temperature = torch.nn.Parameter(torch.tensor(0.2))
+
+    def loss_fn(q, k, queue, t):
+        return (info_nce(q, k, t, queue=queue, in_batch_negatives=False, backend=backend)
+                + info_nce(q, k, t, queue=queue, backend=backend))
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, queue, temperature)
+    got_grads = torch.autograd.grad(got, (q, temperature))
+    want = loss_fn(q, k, queue, temperature)
+    want_grads = torch.autograd.grad(want, (q, temperature))
+    torch.testing.assert_close(got, want)
+    for g_, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g_, w)
+
+
+def test_queue_bad_inputs():
+    q, k, queue = torch.randn(8, 16), torch.randn(8, 16), torch.randn(20, 16)
+    with pytest.raises(ValueError, match=r"queue must have shape \[\*, 16\]"):
+        info_nce(q, k, 0.1, queue=torch.randn(20, 17))
+    with pytest.raises(TypeError, match="queue must have the dtype of q"):
+        info_nce(q, k, 0.1, queue=queue.half())
+    with pytest.raises(ValueError, match="queue must have at least one row"):
+        info_nce(q, k, 0.1, queue=queue[:0])
+    with pytest.raises(ValueError, match="symmetric=True cannot be combined with a queue"):
+        info_nce(q, k, 0.1, queue=queue, symmetric=True)
+    with pytest.raises(ValueError, match="in_batch_negatives=False needs a queue"):
+        info_nce(q, k, 0.1, in_batch_negatives=False)
+    with pytest.raises(BackendUnavailable, match="no queue"):
+        info_nce(q, k, 0.1, queue=queue, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_queue_gpu_against_reference(dtype, rtol, in_batch):
+    q, k = torch.randn(1000, 128, device="cuda").to(dtype), torch.randn(1000, 128, device="cuda").to(dtype)
+    queue = torch.randn(8192, 128, device="cuda").to(dtype)
+    want = _run_queue(info_nce_ref, q.double(), k.double(), queue.double(), torch.tensor(0.2, device="cuda").double(),
+                      in_batch_negatives=in_batch)
+    got = _run_queue(info_nce, q, k, queue, torch.tensor(0.2, device="cuda"), in_batch_negatives=in_batch,
+                     backend="triton")
+    torch.testing.assert_close(got[0].double(), want[0], atol=rtol * max(1.0, want[0].abs().item()), rtol=0)
+    for g_, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g_.double(), w, atol=rtol * w.abs().max().item() + 1e-12, rtol=0)
+
+
+# 2 gloo ranks x N/2 rows against 1 process x N rows, with a queue shared by the ranks
+WORLD, N_DIST, D_DIST = 2, 12, 16
+
+
+def _queue_data():
+    g = torch.Generator().manual_seed(3)
+    return tuple(torch.randn(r, D_DIST, generator=g) for r in (N_DIST, N_DIST, 40))
+
+
+def _queue_step(q, k, queue, in_batch, backend, group):
+    q, k = q.clone().requires_grad_(), k.clone().requires_grad_()
+    t = torch.tensor(0.2, requires_grad=True)
+    loss = info_nce(q, k, t, queue=queue, in_batch_negatives=in_batch, group=group, backend=backend)
+    loss.backward()
+    return {"loss": loss.detach(), "t": t.grad, "q": q.grad, "k": k.grad}
+
+
+def _queue_worker(rank: int, port: int, out_path: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        q, k, queue = _queue_data()
+        rows = slice(rank * N_DIST // WORLD, (rank + 1) * N_DIST // WORLD)
+        results = {}
+        for backend in ("reference", "triton"):
+            for in_batch in (True, False):
+                r = _queue_step(q[rows], k[rows], queue, in_batch, backend, dist.group.WORLD)
+                for key in ("loss", "t"):   # what DDP does: average over ranks
+                    dist.all_reduce(r[key])
+                    r[key] /= WORLD
+                for key in ("q", "k"):      # the full input gradients, rows from their owners
+                    parts = [torch.empty_like(r[key]) for _ in range(WORLD)]
+                    dist.all_gather(parts, r[key].contiguous())
+                    r[key] = torch.cat(parts)
+                results[backend, in_batch] = r
+        if rank == 0:
+            torch.save(results, out_path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def queue_two_ranks(tmp_path_factory):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path_factory.mktemp("queue_dist") / "results.pt")
+    mp.spawn(_queue_worker, args=(port, out), nprocs=WORLD, join=True)
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_queue_two_ranks_match_one_process(queue_two_ranks, backend, in_batch):
+    q, k, queue = _queue_data()
+    single = _queue_step(q, k, queue, in_batch, "reference", None)
+    ranks = queue_two_ranks[backend, in_batch]
+    tol = dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ranks["loss"], single["loss"], **tol)
+    torch.testing.assert_close(ranks["t"], single["t"], **tol)
+    for key in ("q", "k"):   # each rank's mean is over its own rows: W times the one-process gradient
+        torch.testing.assert_close(ranks[key] / WORLD, single[key], **tol)

@@ -2,6 +2,7 @@
 engine knows none of their fields; a plugin objective trains with the stock CLI; imports have no cycle."""
 import ast
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 from sslpt.engine import registry
 from sslpt.engine.cli import main
-from sslpt.engine.config import CONFIG_DIR, ConfigError, ObjectiveSettings, load_config, to_toml
+from sslpt.engine.config import CONFIG_DIR, ConfigError, ObjectiveSettings, is_resnet, load_config, to_toml
 from sslpt.engine.models.vit import Attention
 from sslpt.engine.objectives import Objective, build_objective
 
@@ -40,7 +41,8 @@ def test_config_module_knows_no_objective_field():
     source = (ROOT / "engine" / "config.py").read_text()
     for name in STOCK:
         for field in dataclasses.fields(registry.get(name).Settings):
-            assert f"{field.name}:" not in source and f'"{field.name}"' not in source, field.name
+            # whole names only: optim.sgd_momentum is no objective's `momentum`
+            assert not re.search(rf"\b{field.name}:", source) and f'"{field.name}"' not in source, field.name
 
 
 @pytest.mark.parametrize("override, message", [
@@ -92,7 +94,9 @@ def test_attn_backend_reaches_every_encoder(name):
     random_encoder = cls.random_encoder(cfg.objective, cfg.model)
     for module in (objective, random_encoder):
         backends = {m.backend for m in module.modules() if isinstance(m, Attention)}
-        assert backends == {"reference"}, (name, backends)
+        # a ResNet preset may have no attention at all; whatever attention there is takes the setting
+        ok = backends <= {"reference"} if is_resnet(cfg.model) else backends == {"reference"}
+        assert ok, (name, backends)
     # the probe's baseline has the shape of the trained encoder
     shapes = lambda m: {k: v.shape for k, v in m.state_dict().items()}  # noqa: E731
     assert shapes(random_encoder) == shapes(objective.encoder)

@@ -5,7 +5,11 @@ holding its images directly (and no class folders with images) is one class, lab
 pre-training); a labelled split (`classes` given, e.g. a `val/` folder next to `train/`) must have the class
 folders: flat images there are refused, since every label would silently be 0.
 
-Robustness: PIL decodes lazily, so the full decode is forced inside the `try`. A file that fails to decode
+Decoding (engine/data/decode.py, `decoder`): libjpeg-turbo or PIL, then crop and resize, all on uint8;
+`sample_uint8` is what the training loader's workers call (normalisation and flips happen on the device),
+`sample`/`sample_with_skips`/`__getitem__` return the normalised float tensor (evaluation, tests).
+
+Robustness: the full decode happens inside the `try`. A file that fails to decode
 (any exception PIL or a codec raises, fuzzed files included) or has more than `max_image_pixels` pixels (a
 decompression bomb) is skipped and replaced by the next image of the same class; `sample_with_skips` reports
 the skipped paths so the caller can count them per epoch and warn once per file per run (the training loader
@@ -13,20 +17,23 @@ does this in the main process, whatever the number of workers); `sample` counts 
 once per file itself. 20 bad files in a row raise, since that means a broken data set rather than a few bad
 files. 16-bit images (PNG/TIFF `I;16`, `I`) are scaled by their bit depth, not clipped at 255.
 
-Determinism: each sample's crop and flip come from a numpy generator seeded with (seed, epoch, index): call
+Determinism: each sample's crop and flip come from a numpy generator seeded with (seed, epoch, index), fresh
+for each file tried (a replacement image gets the draws the bad one would have had): call
 `set_epoch` before each epoch (before a DataLoader iterator is created, as workers copy the data set), or use
 `sample(index, epoch)`. A resumed run then sees the same crops.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+
+from .decode import ImageDecoder, normalise_batch, random_resized_crop_params, to_8bit, to_chw
+
+__all__ = ["ImageFolder", "find_samples", "warn_skipped", "to_8bit", "random_resized_crop_params"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,7 +43,6 @@ GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
 MAX_CONSECUTIVE_FAILURES = 20
 MAX_IMAGE_PIXELS = 89_478_485   # PIL's own default: 1024 x 1024 x 1024 / 4 / 3
-EVAL_RESIZE_RATIO = 8 / 7  # resize the shorter side to 256 for a 224 crop, as the usual ImageNet evaluation
 
 
 def _is_image(name: str) -> bool:
@@ -91,41 +97,6 @@ def warn_skipped(skipped: list[tuple[str, str]]) -> None:
                           stacklevel=3)
 
 
-def to_8bit(img: Image.Image) -> Image.Image:
-    """16- and 32-bit integer images as 8-bit "L", scaled by their bit depth (PIL's convert clips at 255)."""
-    if img.mode.startswith("I;16"):
-        bits = 16
-    elif img.mode == "I":
-        bits = 16 if img.getextrema()[1] < 2 ** 16 else 32   # PNG/TIFF 16-bit data often opens as "I"
-    else:
-        return img
-    pixels = np.asarray(img).astype(np.float64)
-    scaled = np.clip(pixels, 0, 2 ** bits - 1) * (255 / (2 ** bits - 1))
-    return Image.fromarray((scaled + 0.5).astype(np.uint8), "L")
-
-
-def random_resized_crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-                               ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params with a numpy generator: (top, left, h, w)."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        h, w = height, width
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 class ImageFolder(torch.utils.data.Dataset):
     """Images of `root` as (tensor [C, img_size, img_size] float32 normalised, label int).
 
@@ -139,11 +110,12 @@ class ImageFolder(torch.utils.data.Dataset):
         seed: base seed of the per-sample randomness.
         classes: fixed class names (label = position), e.g. the train split's classes for the val split.
         max_image_pixels: images with more pixels are skipped (decompression bombs); PIL's cap is raised to match.
+        decoder: "auto", "pil" or "turbojpeg" (engine/data/decode.py).
     """
 
     def __init__(self, root: str | os.PathLike, img_size: int, channels: int = 3, train: bool = True,
                  crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5, seed: int = 0,
-                 classes: list[str] | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS):
+                 classes: list[str] | None = None, max_image_pixels: int = MAX_IMAGE_PIXELS, decoder: str = "auto"):
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
         if img_size < 1:
@@ -158,6 +130,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.epoch = 0
         self.num_skipped = 0
         self.max_image_pixels = max_image_pixels
+        self.decoder = ImageDecoder(img_size, channels, decoder, max_image_pixels)
         by_class: dict[int, list[int]] = {}
         for i, label in enumerate(self.targets):
             by_class.setdefault(label, []).append(i)
@@ -172,18 +145,6 @@ class ImageFolder(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _decode(self, path: Path) -> Image.Image:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # the limit below is the one used
-            if Image.MAX_IMAGE_PIXELS is not None and self.max_image_pixels > 2 * Image.MAX_IMAGE_PIXELS:
-                Image.MAX_IMAGE_PIXELS = self.max_image_pixels // 2 + 1   # PIL refuses above twice its cap
-            with Image.open(path) as img:
-                if img.width * img.height > self.max_image_pixels:
-                    raise ValueError(f"{img.width} x {img.height} pixels exceed data.max_image_pixels="
-                                     f"{self.max_image_pixels}")
-                img = to_8bit(img)
-                return img.convert("RGB" if self.channels == 3 else "L")  # convert() forces the full decode
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.sample(index, self.epoch)
 
@@ -195,45 +156,29 @@ class ImageFolder(torch.utils.data.Dataset):
         return img, label
 
     def sample_with_skips(self, index: int, epoch: int) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
-        """(image, label, [(path, why) of the files skipped on the way]): an image that cannot be decoded is
-        replaced by the next one of the same class."""
-        rng = np.random.default_rng([self.seed, epoch, index])
+        """(normalised float image, label, [(path, why) of the files skipped on the way])."""
+        pixels, label, flip, skipped = self.sample_uint8(index, epoch)
+        img = normalise_batch(pixels[None], self.mean, self.std, torch.tensor([flip]))[0]
+        return img, label, skipped
+
+    def sample_uint8(self, index: int, epoch: int) -> tuple[torch.Tensor, int, bool, list[tuple[str, str]]]:
+        """(uint8 [C, S, S] crop, label, flip?, [(path, why) skipped]): an image that cannot be decoded is
+        replaced by the next one of the same class. The flip is the caller's to apply (on the device)."""
         members, position = self._same_class[index]
         skipped = []
         for attempt in range(min(MAX_CONSECUTIVE_FAILURES, len(members))):
             path, label = self.samples[members[(position + attempt) % len(members)]]
+            rng = np.random.default_rng([self.seed, epoch, index])
             try:
-                img = self._decode(path)
+                data = path.read_bytes()
+                if self.train:
+                    pixels, flip = self.decoder.train_crop(data, rng, self.crop_scale, self.hflip)
+                else:
+                    pixels, flip = self.decoder.eval_crop(data), False
             except Exception as err:   # noqa: BLE001 - codecs raise anything on a broken file (SyntaxError, ...)
                 skipped.append((str(path), f"{type(err).__name__}: {err}"))
                 continue
-            return self._to_tensor(self._transform(img, rng)), label, skipped
+            return to_chw(pixels), label, flip, skipped
         raise RuntimeError(f"{len(skipped)} consecutive images of class {self.classes[label]!r} from index {index} "
                            f"of {self.root} failed to decode (last: {skipped[-1][0]}: {skipped[-1][1]}); the data set "
                            f"looks broken")
-
-    def _transform(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
-        size = self.img_size
-        width, height = img.size
-        if self.train:
-            top, left, h, w = random_resized_crop_params(rng, height, width, self.crop_scale)
-            img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-            if rng.random() < self.hflip:
-                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            return img
-        short = int(round(size * EVAL_RESIZE_RATIO))
-        if min(width, height) != short:  # shorter side to `short`, keeping the aspect ratio (as torchvision)
-            if width <= height:
-                width, height = short, int(short * height / width)
-            else:
-                width, height = int(short * width / height), short
-            img = img.resize((width, height), Image.Resampling.BICUBIC)
-        top, left = int(round((height - size) / 2)), int(round((width - size) / 2))
-        return img.crop((left, top, left + size, top + size))
-
-    def _to_tensor(self, img: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
-        pixels = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(-1, 1, 1)
-        std = torch.tensor(self.std).view(-1, 1, 1)
-        return ((pixels - mean) / std).contiguous()

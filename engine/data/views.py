@@ -1,4 +1,5 @@
-"""Two-view augmentation for contrastive learning (SimCLR, MoCo v3), batched on the tensor's device.
+"""Views for contrastive and self-distillation objectives (SimCLR and MoCo v3's two views, DINO's multi-crop of
+global and smaller local views), batched on the tensor's device.
 
 Per view, in order (SimCLR's pipeline; MoCo v3 uses BYOL's asymmetric probabilities, one spec per view):
 random resized crop + horizontal flip (`augment.random_resized_crop_batch`, bilinear), colour jitter with
@@ -109,8 +110,10 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ma
 
 
 def augment_view(imgs: torch.Tensor, spec: ViewAugment, generator: torch.Generator | None,
-                 pixel_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One augmented view of every image of ``imgs`` [B, C, H, W] (C = 1 or 3), same shape, dtype and device.
+                 pixel_range: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 out_size: int | None = None) -> torch.Tensor:
+    """One augmented view of every image of ``imgs`` [B, C, H, W] (C = 1 or 3), same dtype and device, of
+    side ``out_size`` (default H: the shape of ``imgs``).
 
     ``pixel_range``: per-channel values [1, C, 1, 1] of black and white; default the batch's min and max.
     """
@@ -124,8 +127,8 @@ def augment_view(imgs: torch.Tensor, spec: ViewAugment, generator: torch.Generat
     lo, hi = pixel_range if pixel_range is not None else batch_pixel_range(imgs)
     span = (hi - lo).clamp_min(1e-6)
 
-    x = random_resized_crop_batch(imgs, height, scale=spec.crop_scale, ratio=spec.crop_ratio, hflip=spec.hflip,
-                                  generator=generator, mode="bilinear")
+    x = random_resized_crop_batch(imgs, out_size or height, scale=spec.crop_scale, ratio=spec.crop_ratio,
+                                  hflip=spec.hflip, generator=generator, mode="bilinear")
     x = ((x - lo) / span).clamp(0, 1)
     u = torch.rand(batch, NUM_DRAWS, generator=generator, device=imgs.device, dtype=torch.float32)
     jitter = u[:, 0] < spec.jitter_prob
@@ -162,4 +165,22 @@ def two_views(imgs: torch.Tensor, generator: torch.Generator | None, first: View
     return view1, view2
 
 
-__all__ = ["ViewAugment", "augment_view", "two_views", "batch_pixel_range"]
+def multi_crop(imgs: torch.Tensor, generator: torch.Generator | None, global_views: tuple[ViewAugment, ...],
+               global_size: int, local_view: ViewAugment | None = None, num_local: int = 0,
+               local_size: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """DINO's multi-crop: one view per spec of ``global_views`` at ``global_size`` and ``num_local`` views of
+    ``local_view`` at ``local_size``, drawn in that order from ``generator`` and sharing the batch's pixel
+    range. Returns (global views, local views), each a list of [B, C, side, side]; callers batch each list
+    with ``torch.cat`` into DINO's crop-major order [g1 | g2 | l1 .. ln] (row v * B + b is crop v of image b).
+    """
+    if num_local < 0:
+        raise ValueError(f"num_local must be >= 0, got {num_local}")
+    if num_local and (local_view is None or not local_size):
+        raise ValueError("local views need local_view and local_size")
+    pixel_range = batch_pixel_range(imgs)
+    globals_ = [augment_view(imgs, spec, generator, pixel_range, global_size) for spec in global_views]
+    locals_ = [augment_view(imgs, local_view, generator, pixel_range, local_size) for _ in range(num_local)]
+    return globals_, locals_
+
+
+__all__ = ["ViewAugment", "augment_view", "two_views", "multi_crop", "batch_pixel_range"]

@@ -13,18 +13,14 @@ from sslpt.engine.config import ObjectiveSettings, require, require_probability,
 from sslpt.engine.data.views import ViewAugment
 
 from .heads import mlp_flops, mlp_head
-from .vit import build_vit, vit_flops
+from .backbones import backbone_flops, build_backbone, global_feature
+from .backbones import pool_tokens as pooled   # a ViT's [B, 1 + L, D] -> [B, D]
 
 
 @dataclass(kw_only=True)
-class ContrastiveSettings(ObjectiveSettings):
-    """Defaults are MoCo v3's ViT recipe at ImageNet scale."""
-    temperature: float = 0.2
-    pooling: Literal["cls", "mean"] = "cls"   # encoder feature fed to the heads
-    proj_layers: int = 3            # projector: Linear-BN-ReLU x (layers - 1), Linear, BN without affine
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    # the two views (engine/data/views.py), made by the objective on the device
+class ViewSettings(ObjectiveSettings):
+    """The two (global) views' augmentations, made by the objective on the device (engine/data/views.py).
+    Defaults are BYOL's / MoCo v3's asymmetric views at ImageNet scale (DINO's global crops are the same)."""
     view_crop_scale: tuple[float, float] = (0.08, 1.0)
     view_hflip: float = 0.5
     jitter_prob: float = 0.8
@@ -36,9 +32,6 @@ class ContrastiveSettings(ObjectiveSettings):
 
     def check(self, cfg) -> None:
         key = self.key
-        require(self.temperature > 0, f"{key('temperature')} must be > 0, got {self.temperature}")
-        for name in ("proj_layers", "proj_hidden", "proj_dim"):
-            require(getattr(self, name) >= 1, f"{key(name)} must be >= 1, got {getattr(self, name)}")
         require_range(self.view_crop_scale, key("view_crop_scale"))
         for name in ("view_hflip", "jitter_prob", "grayscale_prob"):
             require_probability(getattr(self, name), key(name))
@@ -66,9 +59,20 @@ class ContrastiveSettings(ObjectiveSettings):
                      for i in (0, 1))
 
 
-def pooled(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, D] from the encoder's [B, 1 + L, D]: the cls token, or the mean of the patch tokens."""
-    return tokens[:, 0] if pooling == "cls" else tokens[:, 1:].mean(dim=1)
+@dataclass(kw_only=True)
+class ContrastiveSettings(ViewSettings):
+    """Defaults are MoCo v3's ViT recipe at ImageNet scale."""
+    temperature: float = 0.2
+    pooling: Literal["cls", "mean"] = "cls"   # encoder feature fed to the heads
+    proj_layers: int = 3            # projector: Linear-BN-ReLU x (layers - 1), Linear, BN without affine
+    proj_hidden: int = 4096
+    proj_dim: int = 256
+
+    def check(self, cfg) -> None:
+        super().check(cfg)
+        require(self.temperature > 0, f"{self.key('temperature')} must be > 0, got {self.temperature}")
+        for name in ("proj_layers", "proj_hidden", "proj_dim"):
+            require(getattr(self, name) >= 1, f"{self.key(name)} must be >= 1, got {getattr(self, name)}")
 
 
 class ContrastiveNet(nn.Module):
@@ -78,21 +82,22 @@ class ContrastiveNet(nn.Module):
                  frozen_patch_embed: bool = False):
         super().__init__()
         self.pooling = settings.pooling
-        self.encoder = build_vit(model, frozen_patch_embed)
+        self.img_size = model.img_size
+        self.encoder = build_backbone(model, frozen_patch_embed=frozen_patch_embed)   # a ViT or a ResNet
         self.projector = mlp_head(self.encoder.embed_dim, settings.proj_hidden, settings.proj_dim,
                                   settings.proj_layers)
         self.predictor = (mlp_head(settings.proj_dim, pred_hidden, settings.proj_dim, 2)
                           if pred_hidden is not None else None)
 
     def features(self, imgs: torch.Tensor) -> torch.Tensor:
-        return pooled(self.encoder(imgs), self.pooling)
+        return global_feature(self.encoder, imgs, self.pooling)
 
     def flops(self, with_predictor: bool = True) -> float:
         """Forward FLOPs per view."""
         heads = mlp_flops(self.projector)
         if with_predictor and self.predictor is not None:
             heads += mlp_flops(self.predictor)
-        return vit_flops(self.encoder) + heads
+        return backbone_flops(self.encoder, self.img_size) + heads
 
 
-__all__ = ["ContrastiveSettings", "ContrastiveNet", "pooled"]
+__all__ = ["ViewSettings", "ContrastiveSettings", "ContrastiveNet", "pooled"]

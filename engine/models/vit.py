@@ -129,9 +129,24 @@ class VisionTransformer(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def embed(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Patch tokens with position embedding: all of them, or only ``ids_keep``'s."""
+    def patch_pos_embed(self, height: int, width: int) -> torch.Tensor:
+        """[1, L, D] position embedding of the patches of a ``height`` x ``width`` image: the stored one at the
+        training size, else bicubically resampled to the other grid (DINO's local crops, fine-tuning at a new
+        resolution), as DINO and timm interpolate theirs."""
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"image size {height}x{width} must be a multiple of the patch size {self.patch_size}")
+        rows, cols = height // self.patch_size, width // self.patch_size
         pos = self.pos_embed[:, 1:]
+        if (rows, cols) == (self.grid, self.grid):
+            return pos
+        grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)
+        return grid.flatten(2).transpose(1, 2).to(pos.dtype)
+
+    def embed(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch tokens with position embedding: all of them, or only ``ids_keep``'s; any image size that is a
+        multiple of the patch size."""
+        pos = self.patch_pos_embed(imgs.shape[-2], imgs.shape[-1])
         if ids_keep is None:
             x = self.patch_embed(imgs).flatten(2).transpose(1, 2)
             return x + pos.to(x.dtype)

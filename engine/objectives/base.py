@@ -3,7 +3,8 @@
 An objective is an ``nn.Module`` that owns its networks (students, EMA teachers, heads). The trainer calls:
 
 - ``forward(imgs, ctx) -> (loss, metrics)`` for each micro-step, under autocast;
-- ``on_epoch_start(ctx)`` and ``after_optimizer_step(ctx)`` (schedules, EMA updates);
+- ``on_epoch_start(ctx)``, ``before_optimizer_step(ctx)`` and ``after_optimizer_step(ctx)`` (schedules, frozen
+  layers, EMA updates);
 - ``optimizers(optim_cfg, lr)`` once, to build its optimizers (one by default; an objective that trains
   several models with their own optimizers returns several);
 - ``evaluate(imgs, generator) -> EvalOutput`` on a fixed held-out batch;
@@ -99,6 +100,10 @@ class Objective(nn.Module):
 
     def on_epoch_start(self, ctx: StepContext) -> None:
         """Before the epoch's first step (also when a run resumes mid-epoch); ``ctx`` is that step's."""
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        """After the backward of an update step, before clipping and the optimizer step (e.g. to drop the
+        gradients of a layer frozen for now, as DINO's first epoch does)."""
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """After each applied or skipped optimizer step; ``ctx`` is the step just taken."""

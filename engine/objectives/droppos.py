@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sslpt import kernels
 from sslpt.engine import viz
-from sslpt.engine.config import ObjectiveSettings, require
+from sslpt.engine.config import ObjectiveSettings, require, require_vit
 from sslpt.engine.models.mae import DecoderStack
 from sslpt.engine.models.vit import build_vit, encoder_flops, init_mae_weights, sincos_pos_embed
 from sslpt.engine.registry import register
@@ -44,6 +44,7 @@ class DropPosSettings(ObjectiveSettings):
     norm_pix: bool = True               # multi_task's pixel targets standardised per patch (official default)
 
     def check(self, cfg) -> None:
+        require_vit(cfg, self.name)
         m, key = cfg.model, self.key
         require(0.0 <= self.mask_ratio < 1.0, f"{key('mask_ratio')} must be in [0, 1), got {self.mask_ratio}")
         require(0.0 <= self.pos_mask_ratio < 1.0,

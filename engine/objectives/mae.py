@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from sslpt import kernels
-from sslpt.engine.config import ObjectiveSettings, require
+from sslpt.engine.config import ObjectiveSettings, require, require_vit
 from sslpt.engine.models.mae import MaskedAutoencoder
 from sslpt.engine.models.vit import build_vit, encoder_flops
 from sslpt.engine.registry import register
@@ -21,6 +21,7 @@ class MAESettings(ObjectiveSettings):
     norm_pix: bool = False          # targets standardised per patch (MAE's released ViT recipes: true)
 
     def check(self, cfg) -> None:
+        require_vit(cfg, self.name)
         m = cfg.model
         require(0.0 < self.mask_ratio < 1.0, f"{self.key('mask_ratio')} must be in (0, 1), got {self.mask_ratio}: "
                 f"with no masked patch there is nothing to reconstruct (the loss would be 0)")

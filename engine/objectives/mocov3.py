@@ -13,24 +13,23 @@ The momentum branch runs with batch statistics in its BatchNorms, as the officia
 training mode there); the views go through each branch's ViT as one batch, and through its MLPs one view at
 a time so their BatchNorm statistics are per view, as in the official code.
 
-Momentum (``moco_momentum``): m = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2, from m0 to 1 over the T epochs,
+Momentum (``engine.ema.cosine_momentum``): m = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2, from m0 to 1 over the T epochs,
 stepped per iteration (t = epoch + i / iterations per epoch). The official code updates the momentum branch at
 the start of each step, before its keys; we update it after each optimizer step with the t of the next step:
 the same sequence of values and updates.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from sslpt import kernels
-from sslpt.engine.config import require
+from sslpt.engine.config import is_resnet, require
 from sslpt.engine.data.views import two_views
 from sslpt.engine.distributed import negatives_group
-from sslpt.engine.ema import EMATeacher
+from sslpt.engine.ema import EMATeacher, cosine_momentum
 from sslpt.engine.models.contrastive import ContrastiveNet, ContrastiveSettings
 from sslpt.engine.registry import register
 
@@ -48,13 +47,8 @@ class MoCoV3Settings(ContrastiveSettings):
         super().check(cfg)
         require(self.pred_hidden >= 1, f"{self.key('pred_hidden')} must be >= 1, got {self.pred_hidden}")
         require(0.0 <= self.momentum <= 1.0, f"{self.key('momentum')} must be in [0, 1], got {self.momentum}")
-
-
-def moco_momentum(progress: float, total: float, base: float, cosine: bool = True) -> float:
-    """MoCo v3's momentum at ``progress`` (epochs, may be fractional) of ``total``: cosine from ``base`` to 1."""
-    if not cosine:
-        return base
-    return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * min(progress / total, 1.0))) / 2
+        require(not (self.stop_grad_patch_embed and is_resnet(cfg.model)), f"{self.key('stop_grad_patch_embed')} "
+                f"freezes a ViT's patch embedding; model.arch={cfg.model.arch!r} is a ResNet: set it to false")
 
 
 @register
@@ -72,7 +66,7 @@ class MoCoV3(Objective):
         self.teacher = EMATeacher(self.model, skip=("predictor",))   # the momentum encoder + projector
 
     def momentum(self, progress: float, epochs: int) -> float:
-        return moco_momentum(progress, epochs, self.settings.momentum, self.settings.momentum_cosine)
+        return cosine_momentum(progress, epochs, self.settings.momentum, self.settings.momentum_cosine)
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         self.teacher.update(self.momentum((ctx.step + 1) / ctx.steps_per_epoch, ctx.epochs))

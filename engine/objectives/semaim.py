@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from sslpt import kernels
 from sslpt.engine import viz
-from sslpt.engine.config import ObjectiveSettings, require
+from sslpt.engine.config import ObjectiveSettings, require, require_vit
 from sslpt.engine.ema import EMATeacher, ema_decay
 from sslpt.engine.models.semaim import SemAIMNet
 from sslpt.engine.models.vit import build_vit, encoder_flops, flops_per_token_block
@@ -46,6 +46,7 @@ class SemAIMSettings(ObjectiveSettings):
     ema_ramp_epochs: int = 100          # shortened to the run's length for runs under 100 epochs
 
     def check(self, cfg) -> None:
+        require_vit(cfg, self.name)
         key, depth = self.key, cfg.model.dims[1]
         query_depth = depth if self.query_depth is None else self.query_depth
         require(1 <= query_depth <= depth and depth % query_depth == 0,

@@ -1,11 +1,11 @@
-"""The engine against the real timm and lightly (marker ``peers``): an exported encoder loads into timm's
-VisionTransformer (strict) and gives the same features; our NT-Xent equals lightly's NTXentLoss.
+"""The engine against the real timm, torchvision and lightly (marker ``peers``): an exported encoder loads into
+timm's VisionTransformer or ResNet (strict) and gives the same features, our ResNets' state dicts are torchvision's;
+our NT-Xent equals lightly's NTXentLoss.
 
 These need torchvision, so they run in their own environment, ``.venv-peers`` (``make test-peers``, which
 ``make test`` runs after the main suite); the main suite skips them.
 """
 import os
-import re
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ else:
     torchvision = pytest.importorskip("torchvision")
     import lightly.loss
 
-from sslpt.engine.export import RESNET_RULES, save_encoder
+from sslpt.engine.export import save_encoder
 from sslpt.engine.models.vit import VisionTransformer
 from sslpt.kernels import nt_xent
 
@@ -105,20 +105,68 @@ def test_export_command_of_a_real_run_loads_into_timm(tmp_path):
         assert (model(imgs) - objective.encoder.eval().features(imgs, "cls")).abs().max() < ATOL
 
 
-def test_resnet_name_map_covers_timm_and_torchvision_resnet50():
-    """No ResNet encoder exists in the engine yet (nothing to export); the name map it will use is checked
-    against the real timm and torchvision ResNet-50 state dicts."""
-    timm_keys = set(timm.create_model("resnet50", pretrained=False).state_dict())
-    tv_keys = set(torchvision.models.resnet50(weights=None).state_dict())
-    assert timm_keys == tv_keys
+def _trained_looking_resnet(arch, **kw):
+    """An engine ResNet in eval mode whose BatchNorm statistics and affine parameters are not their init."""
+    from sslpt.engine.models.resnet import build_resnet
 
-    def rename(name):
-        for pattern, repl in RESNET_RULES:
-            if re.match(pattern, name):
-                return re.sub(pattern, repl, name)
-        raise AssertionError(name)
+    torch.manual_seed(0)
+    encoder = build_resnet(arch, **kw)
+    with torch.no_grad():
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+                m.running_mean.add_(0.1 * torch.randn_like(m.running_mean))
+                m.running_var.mul_(1 + 0.2 * torch.rand_like(m.running_var))
+    return encoder.eval()
 
-    assert {rename(k) for k in tv_keys} == timm_keys
+
+def _small_stem(model):
+    """timm's / torchvision's ResNet with the engine's small stem: 3x3 stride-1 conv1, no max-pool."""
+    model.conv1 = torch.nn.Conv2d(model.conv1.in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = torch.nn.Identity()
+    return model
+
+
+def _assert_same_features(encoder, model, chans, size, label):
+    imgs = torch.randn(2, chans, size, size)
+    with torch.no_grad():
+        ours, theirs = encoder.features(imgs), model.eval()(imgs)
+    assert theirs.shape == ours.shape
+    diff = (ours - theirs).abs().max().item()
+    print(f"{label}: max |ours - theirs| pooled features {diff:.2e}")
+    assert diff < ATOL
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_resnet_state_dict_loads_strict_into_torchvision_and_timm(arch):
+    """Our state dict is torchvision's and timm's (no fc: an encoder) and gives their pooled features."""
+    encoder = _trained_looking_resnet(arch)
+    state = encoder.state_dict()
+    tv = getattr(torchvision.models, arch)(weights=None)
+    tv.fc = torch.nn.Identity()
+    tv.load_state_dict(state, strict=True)
+    _assert_same_features(encoder, tv, 3, 64, f"torchvision {arch}")
+    tm = timm.create_model(arch, pretrained=False, num_classes=0)
+    tm.load_state_dict(state, strict=True)
+    _assert_same_features(encoder, tm, 3, 64, f"timm {arch}")
+
+
+@pytest.mark.parametrize("arch,stem,chans", [("resnet50", "imagenet", 3), ("resnet18", "imagenet", 1),
+                                             ("resnet18", "small", 1)])
+def test_exported_resnet_loads_into_timm_strict(tmp_path, arch, stem, chans):
+    """The exported file and its JSON rebuild the encoder in timm (the small stem as the JSON describes)."""
+    from safetensors.torch import load_file
+
+    encoder = _trained_looking_resnet(arch, stem=stem, in_chans=chans, img_size=32)
+    path = tmp_path / f"{arch}.safetensors"
+    meta = save_encoder(encoder, path)
+    assert meta["timm_model"] == arch and meta["resnet_stem"] == stem
+    model = timm.create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+    if stem == "small":
+        model = _small_stem(model)
+    model.load_state_dict(load_file(str(path)), strict=True)
+    _assert_same_features(encoder, model, chans, meta["img_size"], f"exported {arch} ({stem} stem) in timm")
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5])
@@ -133,5 +181,26 @@ def test_nt_xent_equals_lightly(temperature):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def test_dino_loss_has_no_counterpart_yet():
-    pytest.skip("the engine has no DINO-style loss yet: the comparison with lightly's DINOLoss comes with it")
+@pytest.mark.parametrize("local_crops", [0, 8, 10])
+def test_prototype_cross_entropy_and_centre_equal_lightlys_dino_loss(local_crops):
+    """Given the logits themselves as features and identity prototypes, prototype_cross_entropy is lightly's
+    DINOLoss (every teacher view against every other student view), gradient included; prototype_center is the
+    batch mean lightly's centre moves towards."""
+    from sslpt.kernels import prototype_center, prototype_cross_entropy
+
+    torch.manual_seed(local_crops)
+    batch, k = 6, 16
+    teacher = [torch.randn(batch, k) for _ in range(2)]
+    student = [torch.randn(batch, k, requires_grad=True) for _ in range(2 + local_crops)]
+    theirs = lightly.loss.DINOLoss(output_dim=k, warmup_teacher_temp_epochs=0, teacher_temp=0.06)
+    theirs.center.normal_()
+    center = theirs.center.detach().clone().view(-1)
+    expected = theirs(teacher, student, teacher_temp=0.06)
+    eye = torch.eye(k)
+    ours = prototype_cross_entropy(torch.cat(student), torch.cat(teacher), eye, eye, center, student_temp=0.1,
+                                   teacher_temp=0.06)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(ours, student), torch.autograd.grad(expected, student)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    moved = 0.9 * center + 0.1 * prototype_center(torch.cat(teacher), eye)
+    torch.testing.assert_close(theirs.center.view(-1), moved, atol=1e-6, rtol=1e-5)
