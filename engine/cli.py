@@ -134,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "presets":
-            for path in sorted(CONFIG_DIR.glob("*.toml")):
-                print(f"{path.stem:<24}{load_config(path).objective.name}")
+            paths = sorted(CONFIG_DIR.glob("*.toml"))
+            width = max(len(p.stem) for p in paths) + 2
+            for path in paths:
+                print(f"{path.stem:<{width}}{load_config(path).objective.name}")
             return 0
         if args.command == "probe":
             return _probe(args.run_dir, args.overrides)

@@ -29,6 +29,16 @@ def test_help_explains_the_commands():
     assert run_cli("pretrain", "--help").returncode == 0
 
 
+def test_presets_lists_every_config_with_its_objective_in_two_columns(capsys):
+    from sslpt.engine.config import CONFIG_DIR
+
+    assert main(["presets"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert all(len(row) == 2 for row in rows)   # long names never run into the objective's
+    assert [name for name, _ in rows] == sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    assert ["mokd_resnet50_vit_small_100ep", "mokd"] in rows
+
+
 def test_config_typo_fails_before_training(capsys):
     assert main(["pretrain", "hpm_digits", "--set", "train.epoch=3"]) == 2
     assert "unknown config key train.epoch (did you mean train.epochs?)" in capsys.readouterr().err

@@ -18,7 +18,8 @@ from sslpt.engine.train import pretrain
 TINY = ["model.arch=vit_tiny", "model.patch_size=2", "objective.dino.teacher_temp=0.07", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2", "objective.dino.out_dim=37", "objective.dino.head_hidden=48",
         "objective.dino.bottleneck_dim=24", "train.batch_size=16", "train.log_every=2", "data.synthetic_size=64",
-        "train.probe=false", "train.eval_every=0", "data.name=synthetic", "objective.dino.local_crops=3"]
+        "train.probe=false", "train.eval_every=0", "data.name=synthetic", "objective.dino.local_crops=3",
+        "objective.dino.warmup_teacher_temp=0.04", 'objective.dino.pooling="cls"']
 
 
 def tiny_cfg(*extra):
