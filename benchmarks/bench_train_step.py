@@ -25,7 +25,10 @@ that / the bf16 matmul rate measured in this run. Peak memory is the whole step'
 state, teacher, activations). HPM/MAE is HPM's time per image over MAE's (same model and provider).
 DropPos (configs/droppos_vit_base_800ep.toml, attentive reconstruction on, per-parameter clipping) also
 reports "attn guide/step": its no-grad full-image encoder pass timed alone, over the whole step that
-includes it.
+includes it. HPM's row also breaks its step down ("HPM parts"): the teacher's no-grad scoring pass over the
+whole image, the hard-patch masking that reads its scores, and the EMA update, each timed alone and shown
+as a fraction of the step; the rest is the student (MAE's work plus the loss-predictor decoder and the
+relative loss, forward and backward) and the optimizer.
 
 CPU tiny mode (the default on CPU): a ViT-Tiny-width, 2-block model on 32 px images (patch 4), batch 4,
 one warm-up and one timed step; "kernels" then runs Triton under the interpreter when TRITON_INTERPRET=1.
@@ -179,7 +182,7 @@ def measure(objective: str, arch: str, provider: str, device, *, tiny: bool, max
         if batch == 1:
             raise torch.OutOfMemoryError(f"{case_name(cfg)} does not fit even at batch 1")
         batch //= 2
-    ms, peak, warmup_s, flops_per_image, backend, guide_ms = result
+    ms, peak, warmup_s, flops_per_image, backend, guide_ms, hpm_parts = result
     images_per_s = batch / (ms / 1e3)
     achieved = flops_per_image * images_per_s / 1e12
     peak_datasheet = peak_tflops(torch.device(device))
@@ -188,7 +191,9 @@ def measure(objective: str, arch: str, provider: str, device, *, tiny: bool, max
              "mfu": achieved / peak_datasheet if peak_datasheet else None, "peak_tflops_datasheet": peak_datasheet,
              "backend": backend, "attn_backend": getattr(cfg.model, "attn_backend", None),
              "warmup_s": round(warmup_s, 2), "oom_batches": oom,
-             "attn_guide_ms": guide_ms, "attn_guide_over_step": guide_ms / ms if guide_ms else None}
+             "attn_guide_ms": guide_ms, "attn_guide_over_step": guide_ms / ms if guide_ms else None,
+             **{f"{part}_ms": t for part, t in hpm_parts.items()},
+             **{f"{part}_over_step": t / ms for part, t in hpm_parts.items()}}
     return Row(FAMILY, case_name(cfg), provider, "step", ms, None, achieved,
                achieved / roof["matmul_tflops"] if roof else None, peak, extra=extra)
 
@@ -198,7 +203,8 @@ def _try_batch(cfg, device, provider, warmup, rep, compile_backend):
     try:
         bench = StepBench(cfg, device, provider, compile_backend)
         ms, peak, warmup_s = time_steps(bench, device, warmup, rep)
-        return ms, peak, warmup_s, bench.flops_per_image, bench.backend, attn_guide_ms(bench, warmup, rep)
+        return (ms, peak, warmup_s, bench.flops_per_image, bench.backend, attn_guide_ms(bench, warmup, rep),
+                hpm_parts_ms(bench, warmup, rep))
     except torch.OutOfMemoryError:
         return None
     finally:
@@ -220,6 +226,36 @@ def attn_guide_ms(bench: StepBench, warmup: int, rep: int) -> float | None:
         with kernels.use_backend(bench.backend), autocast(bench.device, bench.cfg.train.precision):
             return objective.guide_weights(bench.imgs, ids_keep)
     return time_steps(guide, bench.device, warmup, rep)[0]
+
+
+HPM_PARTS = ("teacher", "masking", "ema")
+
+
+def hpm_parts_ms(bench: StepBench, warmup: int, rep: int) -> dict[str, float]:
+    """HPM: median ms of each part its step adds to MAE's, timed alone as the step runs it: the teacher's
+    scoring pass (``teacher``), the hard-patch masking from those scores (``masking``) and the EMA update
+    (``ema``). Empty for other objectives."""
+    objective = bench.trainer.objective
+    if getattr(objective, "name", "") != "hpm":
+        return {}
+    settings, ctx, imgs = objective.settings, bench.ctx, bench.imgs
+    k = objective.num_hard(ctx)
+
+    def teacher():
+        with kernels.use_backend(bench.backend), autocast(bench.device, bench.cfg.train.precision):
+            return objective.teacher_scores(imgs)
+    scores = teacher()
+
+    def masking():
+        with kernels.use_backend(bench.backend):
+            return kernels.hard_patch_masking(scores, objective.mask_ratio, k, generator=ctx.generator,
+                                              tie_break=settings.tie_break)
+
+    def ema():
+        objective.teacher.update(objective.decay)
+        return scores
+    return {name: time_steps(fn, bench.device, warmup, rep)[0]
+            for name, fn in zip(HPM_PARTS, (teacher, masking, ema))}
 
 
 def _failed(objective: str, arch: str, provider: str, device, tiny: bool, note: str) -> Row:
@@ -283,21 +319,28 @@ def _f(value, spec: str, scale: float = 1.0) -> str:
     return format(value * scale, spec)
 
 
+def hpm_parts_cell(extra: dict) -> str:
+    if f"{HPM_PARTS[0]}_over_step" not in extra:
+        return "-"
+    return " / ".join(_f(extra[f"{part}_over_step"], ".2f") for part in HPM_PARTS)
+
+
 def markdown(rows) -> str:
     """The training-step table: one line per (case, provider); rows without a timing say why in a note."""
     lines = ["| case | provider | batch | step ms | img/s | TFLOP/s | MFU | of measured matmul | peak GiB | HPM/MAE "
-             "| attn guide/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| attn guide/step | HPM parts: teacher / masking / EMA of step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         x = r.extra or {}
         if not math.isfinite(r.ms):
-            lines.append(f"| {r.case} | {r.provider} | - | no timing | - | - | - | - | - | - | - |")
+            lines.append(f"| {r.case} | {r.provider} | - | no timing | - | - | - | - | - | - | - | - |")
             continue
         mfu = _f(x.get("mfu"), ".1f", 100) + ("%" if x.get("mfu") else "")
         of_matmul = _f(r.roofline, ".1f", 100) + ("%" if r.roofline else "")
         lines.append(f"| {r.case} | {r.provider} | {x.get('batch', '-')} | {r.ms:.1f} "
                      f"| {_f(x.get('images_per_s'), '.0f')} | {_f(r.tflops, '.1f')} | {mfu} | {of_matmul} "
                      f"| {_f(r.peak_mb, '.1f', 1 / 1024)} | {_f(x.get('hpm_over_mae'), '.2f')} "
-                     f"| {_f(x.get('attn_guide_over_step'), '.2f')} |")
+                     f"| {_f(x.get('attn_guide_over_step'), '.2f')} | {hpm_parts_cell(x)} |")
     return "\n".join(lines)
 
 

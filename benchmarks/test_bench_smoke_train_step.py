@@ -26,8 +26,10 @@ def test_every_provider_produces_rows(benchmark):
         assert r.extra["images_per_s"] > 0 and r.extra["flops_per_image"] > 0 and r.tflops > 0 and r.roofline > 0
     hpm = [r for r in rows if r.extra["objective"] == "hpm" and math.isfinite(r.ms)]
     assert hpm and all(r.extra["hpm_over_mae"] > 0 for r in hpm)
+    assert all(r.extra[f"{part}_ms"] > 0 and r.extra[f"{part}_over_step"] > 0
+               for r in hpm for part in bench_train_step.HPM_PARTS)
     droppos = [r for r in rows if r.extra["objective"] == "droppos" and math.isfinite(r.ms)]
     assert droppos and all(0 < r.extra["attn_guide_over_step"] < 1 for r in droppos)
     table = bench_train_step.markdown(rows)
-    assert table.count("\n") == len(rows) + 1 and "HPM/MAE" in table
+    assert table.count("\n") == len(rows) + 1 and "HPM/MAE" in table and "teacher / masking / EMA" in table
     assert '"images_per_s"' in to_json(rows, environment())

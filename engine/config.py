@@ -58,6 +58,9 @@ class ModelConfig:
     attn_backend: str = "auto"      # attention backend of every encoder and decoder: kernels.ATTENTION_BACKENDS
     # ResNets only: "imagenet" = 7x7 stride-2 conv + max-pool; "small" = 3x3 stride-1 conv, no pool (tiny images)
     resnet_stem: Literal["imagenet", "small"] = "imagenet"
+    # ResNets only: the first stage's width (stages w, 2w, 4w, 8w); 64 = torchvision's / timm's, the only width
+    # `export` can name; smaller ones make CPU-sized runs (width 16: ~1/16 of the FLOPs)
+    resnet_width: int = 64
 
     @property
     def dims(self) -> tuple[int, int, int]:
@@ -421,6 +424,10 @@ def validate(cfg: Config) -> None:
             + (f" (did you mean {close[0]!r}?)" if close else ""))
     for name in ("img_size", "in_chans"):
         require(getattr(m, name) >= 1, f"model.{name} must be >= 1, got {getattr(m, name)}")
+    require(isinstance(m.resnet_width, int) and not isinstance(m.resnet_width, bool) and m.resnet_width >= 1,
+            f"model.resnet_width must be an integer >= 1 (64: torchvision's ResNets), got {m.resnet_width!r}")
+    require(is_resnet(m) or m.resnet_width == 64, f"model.resnet_width={m.resnet_width} applies to ResNets only; "
+            f"model.arch={m.arch!r} is a ViT")
     if is_resnet(m):
         _validate_resnet(cfg)
     else:

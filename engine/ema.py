@@ -84,8 +84,9 @@ def cosine_momentum(progress: float, total: float, base: float, cosine: bool = T
     return 1.0 - (1.0 - base) * (1.0 + math.cos(math.pi * min(progress / total, 1.0))) / 2
 
 
-def ema_decay(epoch: int, total_epochs: int, start: float, end: float, ramp_epochs: int) -> float:
-    """HPM's per-epoch decay: linear from ``start`` to ``end`` over the ramp, then flat.
+def ema_decay(epoch: float, total_epochs: int, start: float, end: float, ramp_epochs: int) -> float:
+    """HPM's per-epoch decay: linear from ``start`` to ``end`` over the ramp, then flat (``epoch`` may be
+    fractional, for a decay that moves every step).
 
     Official: 0.999 + epoch / 100 * (0.9999 - 0.999) for epoch < 100. Runs shorter than
     ``ramp_epochs`` ramp over their whole length instead, so they still end at ``end``.

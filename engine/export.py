@@ -132,6 +132,7 @@ def save_encoder(encoder: nn.Module, path: Path, *, fmt: str = "timm", pool: str
     from safetensors.torch import save_file
 
     if isinstance(encoder, ResNet):
+        require_library_width(encoder)
         meta, rules = {**resnet_meta(encoder, fmt, pool), **(extra or {})}, RESNET_RULES
     elif isinstance(encoder, VisionTransformer):
         kwargs = timm_vit_kwargs(encoder, pool)
@@ -146,6 +147,13 @@ def save_encoder(encoder: nn.Module, path: Path, *, fmt: str = "timm", pool: str
     save_file(export_state(encoder, fmt, rules), str(path), metadata={"sslpt": json.dumps(meta)})
     Path(f"{path}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def require_library_width(encoder: ResNet, field: str = "model.resnet_width") -> None:
+    """A ResNet whose first stage is not 64 wide has no timm / torchvision name: a one-line error naming ``field``."""
+    if encoder.width != 64:
+        raise ExportError(f"{field}={encoder.width}: export writes timm / torchvision ResNets, whose names all mean "
+                          f"width 64; retrain with {field}=64 to export")
 
 
 def resnet_meta(encoder: ResNet, fmt: str, pool: str = "mean") -> dict:
@@ -265,5 +273,5 @@ def encoder_from_file(path: Path, attn_backend: str = "auto") -> tuple[VisionTra
 
 
 __all__ = ["export_state", "save_encoder", "read_encoder_file", "load_timm_state", "load_resnet_state",
-           "encoder_from_file", "resnet_meta", "timm_vit_kwargs", "timm_vit_name", "VIT_RULES", "RESNET_RULES",
-           "ExportError", "FORMATS"]
+           "encoder_from_file", "require_library_width", "resnet_meta", "timm_vit_kwargs", "timm_vit_name",
+           "VIT_RULES", "RESNET_RULES", "ExportError", "FORMATS"]

@@ -9,7 +9,8 @@ import torch
 
 from sslpt.engine.checkpoint import load_checkpoint, select_checkpoint
 from sslpt.engine.config import Config, ConfigError, ObjectiveSettings, _merge, _override, _update, load_config
-from sslpt.engine.export import config_digest, data_normalisation, encoder_from_file, save_encoder
+from sslpt.engine.export import (config_digest, data_normalisation, encoder_from_file, require_library_width,
+                                 save_encoder)
 from sslpt.engine.models.backbones import build_backbone
 from sslpt.engine.models.resnet import ResNet, resnet_arch_name
 from sslpt.engine.objectives import build_objective
@@ -84,6 +85,8 @@ def export_run(run_dir: Path, out: Path | None = None, fmt: str = "timm", pool: 
                overrides=()) -> tuple[Path, dict]:
     """Export the encoder of a run's newest checkpoint that verifies; default ``<run>/export/encoder_<fmt>``."""
     cfg, objective, checkpoint = load_run(Path(run_dir), overrides)
+    if isinstance(objective.encoder, ResNet):   # before writing anything; the field the run's config set
+        require_library_width(objective.encoder, getattr(objective, "width_field", "model.resnet_width"))
     out = Path(out) if out is not None else Path(run_dir) / "export" / f"encoder_{fmt}.safetensors"
     extra = {"normalisation": data_normalisation(cfg), "config_sha256": config_digest(cfg),
              "objective": cfg.objective.name, "checkpoint": checkpoint.name, "run": str(run_dir)}

@@ -300,8 +300,11 @@ def _gpu_configs(kind: str, block_d: int, elsize: int = 2) -> list:
         shapes = list(dict.fromkeys([(block_m, 64), (block_m, 32), (max(16, block_m // 2), 64)]))
     # wide rows: fewer pipeline stages, so that the B tiles still fit in shared memory
     warps_stages = ((4, 3), (8, 2)) if block_d <= 256 else ((4, 2), (8, 1))
+    # a 16K-value fp32 accumulator is 128 registers per thread over 4 warps: nt_xent's backward spilled there
+    # (make aot-check), so the backward's big tiles run on 8 warps only
     fits = [(bm, bn, w, st) for bm, bn in shapes for w, st in warps_stages
-            if shared_bytes(kind, bm, bn, block_d, st, elsize) <= SHARED_MEMORY_LIMIT]
+            if not (kind == "bwd" and w == 4 and bm * block_d >= 16384)
+            and shared_bytes(kind, bm, bn, block_d, st, elsize) <= SHARED_MEMORY_LIMIT]
     wgmma = [c for c in fits if c[0] >= WGMMA_MIN_ROWS]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in (wgmma or fits)]

@@ -8,15 +8,14 @@ gradient (the backward sums key gradients onto their owner), and DDP averages gr
   - input gradients on a rank are world_size times the one-process ones for its rows.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sslpt.kernels.info_nce import info_nce
 from sslpt.kernels.nt_xent import nt_xent
+from testkit import spawn_ranks
 
 WORLD = 2
 N, D_IN, D = 12, 8, 16
@@ -74,18 +73,12 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     out = str(tmp_path_factory.mktemp("dist") / "results.pt")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, out, nprocs=WORLD)
     return torch.load(out)
 
 

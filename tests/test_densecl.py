@@ -3,12 +3,10 @@ matrix, cross-entropy by logsumexp), on a ViT and a ResNet; the feature queue (w
 rank's keys on 2 gloo ranks); gradients; the lambda warm-up; config errors."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from sslpt.engine.config import ConfigError, load_config
@@ -17,6 +15,7 @@ from sslpt.engine.models.queue import FeatureQueue
 from sslpt.engine.objectives import build_objective
 from sslpt.engine.objectives.base import StepContext
 from sslpt.kernels import use_backend
+from testkit import spawn_ranks
 
 VIT = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "objective.densecl.proj_hidden=24",
        "objective.densecl.proj_dim=16", "objective.densecl.queue_size=10", "train.batch_size=4"]
@@ -89,7 +88,9 @@ def test_loss_matches_float64_reference(backbone, backend):
     torch.testing.assert_close(loss.double(), want.detach(), atol=2e-5, rtol=0)
     torch.testing.assert_close(metrics["loss_global"].double(), want_global.detach(), atol=2e-5, rtol=0)
     torch.testing.assert_close(metrics["loss_dense"].double(), want_dense.detach(), atol=2e-5, rtol=0)
-    # the keys were enqueued after the loss: the first BATCH slots, pointer moved on
+    # the keys wait for the optimizer step (the backward reads the queues), then fill the first BATCH slots
+    assert torch.equal(objective.global_queue.features, queues[0]) and int(objective.global_queue.pointer) == 0
+    objective.after_optimizer_step(_ctx())
     torch.testing.assert_close(objective.global_queue.features[:BATCH].double(), global_keys, atol=1e-5, rtol=0)
     torch.testing.assert_close(objective.dense_queue.features[:BATCH].double(), dense_keys, atol=1e-5, rtol=0)
     assert torch.equal(objective.global_queue.features[BATCH:], queues[0][BATCH:])
@@ -106,6 +107,25 @@ def test_gradients_reach_the_query_branch_only():
     assert objective.model.global_head[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in objective.teacher.parameters())
     assert not objective.global_queue.features.requires_grad
+
+
+def test_keys_enter_the_queues_after_the_backward_in_micro_batch_order():
+    # two accumulated micro-batches contrast against the same queue; the backward reads it without a copy
+    # (autograd would refuse a saved tensor modified in place); the optimizer step enqueues both, in order
+    cfg, objective = _objective(VIT)
+    objective.train()
+    start = objective.global_queue.features.clone()
+    for seed in (1, 2):
+        loss, _ = objective(torch.randn(BATCH, 1, 8, 8), _ctx(seed=seed))
+        loss.backward()
+        assert torch.equal(objective.global_queue.features, start)
+    first, second = (keys for keys, _ in objective.pending_keys)
+    objective.after_optimizer_step(_ctx())
+    assert objective.pending_keys == [] and int(objective.global_queue.pointer) == 2 * BATCH % cfg.objective.queue_size
+    torch.testing.assert_close(objective.global_queue.features[:BATCH], first)
+    objective.eval()   # an evaluation forward enqueues nothing
+    objective(torch.randn(BATCH, 1, 8, 8), _ctx())
+    assert objective.pending_keys == []
 
 
 def test_momentum_update_and_lambda_warmup():
@@ -173,11 +193,8 @@ def _queue_worker(rank: int, port: int, out_path: str) -> None:
 
 
 def test_every_rank_enqueues_the_keys_of_all_ranks(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "queues.pt")
-    mp.spawn(_queue_worker, args=(port, out), nprocs=WORLD, join=True)
+    spawn_ranks(_queue_worker, out, nprocs=WORLD)
     states = torch.load(out)
     assert torch.equal(states[0]["features"], states[1]["features"])
     features = states[0]["features"]

@@ -14,6 +14,7 @@ from sslpt.engine.objectives import StepContext, build_objective
 from sslpt.engine.objectives.dino import teacher_temperature
 from sslpt.engine.optim import build_optimizer, param_groups, set_weight_decay, weight_decay_at
 from sslpt.engine.train import pretrain
+from testkit import spawn_ranks
 
 TINY = ["model.arch=vit_tiny", "model.patch_size=2", "objective.dino.teacher_temp=0.07", "model.embed_dim=32",
         "model.depth=2", "model.num_heads=2", "objective.dino.out_dim=37", "objective.dino.head_hidden=48",
@@ -207,13 +208,7 @@ def _ddp_worker(rank: int, port: int, base: str) -> None:
 def test_ddp_on_two_ranks_shares_the_centre_and_survives_the_frozen_epoch(tmp_path):
     """Epoch 1 freezes the last layer (DDP computes its gradient, which is then dropped); the centre follows the
     all-reduced teacher mean, so both ranks hold the same one."""
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["center"], r1["center"]) and r0["center"].abs().sum() > 0
     assert r0["moved"] and r1["moved"]   # trained in epoch 2

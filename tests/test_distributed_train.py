@@ -10,19 +10,18 @@ mp.spawn pair running four trainings in a row, and two torchrun launches (killed
 """
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from sslpt.engine.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from sslpt.engine.config import load_config
 from sslpt.engine.distributed import DistributedSetupError, init_distributed
 from sslpt.engine.objectives import build_objective
 from sslpt.engine.train import Trainer, pretrain
+from testkit import free_port, spawn_ranks
 from test_resume import TINY, _restore_determinism, final_state, kill_and_resume, step_losses  # noqa: F401
 
 FSDP = TINY + ["train.parallel=fsdp", "train.save_every_steps=3"]   # 4 steps per epoch on 2 ranks
@@ -34,12 +33,6 @@ RUNS = {
                               "train.reshard_after_forward=false", "train.accum_steps=2", "train.probe=true"],
     "fp16-clip": MIXED + ["train.precision=fp16", "optim.clip_grad=1.0"],
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, base: str) -> None:
@@ -56,7 +49,7 @@ def _worker(rank: int, port: int, base: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("spawned")
-    mp.spawn(_worker, args=(_free_port(), str(base)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(base))
     return base
 
 
@@ -110,7 +103,7 @@ def test_resume_with_another_world_size_is_refused(runs):
 
 
 def test_unreachable_rendezvous_says_what_to_check(monkeypatch):
-    port = _free_port()   # nobody listens there
+    port = free_port()   # nobody listens there
     for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, value)

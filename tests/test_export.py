@@ -9,6 +9,7 @@ from sslpt.engine.cli import main
 from sslpt.engine.config import load_config
 from sslpt.engine.export import (RESNET_RULES, ExportError, encoder_from_file, export_state, read_encoder_file,
                                  save_encoder, timm_vit_kwargs, timm_vit_name)
+from sslpt.engine.models.resnet import build_resnet
 from sslpt.engine.models.vit import VisionTransformer
 from sslpt.engine.train import pretrain
 
@@ -198,3 +199,21 @@ def test_resnet_run_exports_and_loads_back(resnet_run, tmp_path):
     _, random, what = load_encoder(out, random_init=True)
     assert what == "random init" and type(random) is type(loaded)
     assert not torch.equal(random.conv1.weight, loaded.conv1.weight)
+
+
+def test_export_refuses_a_resnet_width_timm_cannot_name(tmp_path, capsys):
+    """model.resnet_width != 64 has no timm / torchvision name: a one-line error naming the field, no file."""
+    run_dir = tmp_path / "run"
+    overrides = ["model.arch=resnet18", "model.resnet_stem=small", "model.resnet_width=8", "data.name=synthetic",
+                 "data.synthetic_size=16", "train.batch_size=8", "train.epochs=1", "train.probe=false",
+                 "train.eval_every=0", "train.cpu_threads=1", "train.precision=fp32",
+                 "objective.simclr.proj_hidden=16", "objective.simclr.proj_dim=8"]
+    pretrain(load_config("simclr_digits", overrides), run_dir=run_dir, show_progress=False)
+    out = tmp_path / "encoder.safetensors"
+    assert main(["export", str(run_dir), "--out", str(out)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.resnet_width=8" in err and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "encoder.safetensors.json").exists()
+    with pytest.raises(ExportError, match="model.resnet_width=16"):
+        save_encoder(build_resnet("resnet18", width=16), tmp_path / "direct.safetensors")
+    assert not (tmp_path / "direct.safetensors").exists()

@@ -1,14 +1,17 @@
 """Fine-tuning (MAE's recipe) and MAE's linear probe: their pieces, the commands, and exact resume."""
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
 from sslpt.engine.cli import main
-from sslpt.engine.config import load_config
+from sslpt.engine.config import ConfigError, load_config
 from sslpt.engine.export import encoder_from_file, save_encoder
-from sslpt.engine.finetune import Classifier, FinetuneSettings, FineTuner, layer_decay_groups, mix_batch
+from sslpt.engine.data.randaugment import rand_augment, random_erase
+from sslpt.engine.finetune import (PRESETS, Classifier, FinetuneSettings, FineTuner, augment_batch,
+                                   layer_decay_groups, mix_batch, pixel_stats)
 from sslpt.engine.linprobe import LARS, probe_head
 from sslpt.engine.models.vit import VisionTransformer, drop_path
 
@@ -84,10 +87,68 @@ def test_linprobe_command_pretrained_and_random(tiny_file, tmp_path):
     assert main(["linprobe", str(tiny_file), "--set", "linprobe.pool=\"max\""]) == 2
 
 
-def test_finetune_resume_is_bit_identical(tiny_file, tmp_path):
+def test_resume_names_the_settings_that_differ():
+    from sslpt.engine.finetune import settings_differences
+
+    now = asdict(FinetuneSettings(epochs=3))
+    assert settings_differences(json.loads(json.dumps(now)), now) == ""
+    assert settings_differences({**json.loads(json.dumps(now)), "epochs": 5}, now) == "epochs: 5 -> 3"
+    # a checkpoint from before RandAugment / erasing existed trained without them
+    legacy = {k: v for k, v in json.loads(json.dumps(now)).items() if k not in ("rand_augment", "reprob")}
+    assert settings_differences(legacy, now) == "rand_augment: 'none' -> 'rand-m9-mstd0.5-inc1', reprob: 0.0 -> 0.25"
+    assert settings_differences(legacy, {**now, "rand_augment": "none", "reprob": 0.0}) == ""
+
+
+def test_augmentation_settings_are_checked():
+    s = FinetuneSettings()
+    assert s.rand_augment == "rand-m9-mstd0.5-inc1" and s.reprob == 0.25
+    assert s.rand_augment_spec.magnitude == 9 and s.rand_augment_spec.num_ops == 2
+    assert FinetuneSettings(rand_augment="none").rand_augment_spec is None
+    digits = FinetuneSettings(**PRESETS["digits"])
+    assert digits.rand_augment_spec is None and digits.reprob == 0.0   # RandAugment hurt 8x8 digits (measured)
+    assert FinetuneSettings(**PRESETS["vit_base_100ep"]).rand_augment_spec is not None
+    for bad in ("rand-m9-foo", "autoaug", "rand-m12", 9):
+        with pytest.raises(ConfigError, match=r"finetune\.rand_augment.*expected rand-m<int>"):
+            FinetuneSettings(rand_augment=bad).check()
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match=r"finetune\.reprob"):
+            FinetuneSettings(reprob=bad).check()
+
+
+def test_finetune_command_refuses_a_bad_rand_augment(tiny_file, capsys):
+    assert main(["finetune", str(tiny_file), "--set", "finetune.rand_augment=\"rand-mx\""]) == 2
+    assert "finetune.rand_augment" in capsys.readouterr().err
+
+
+def test_pixel_space_of_digits_and_augment_batch():
+    from sslpt.engine.data import build_train_data
+    from sslpt.engine.data.digits import _raw_digits
+
+    data = build_train_data("digits", img_size=8, channels=1, batch_size=64, seed=0, device="cpu")
+    mean, std = pixel_stats(data)
+    pixels = data.imgs * std + mean   # the 0..16 scale of the raw digits, as [0, 1]
+    raw = torch.from_numpy(np.unique(_raw_digits()[0]))
+    assert pixels.min().item() == pytest.approx(0, abs=1e-6) and pixels.max().item() == pytest.approx(1, abs=1e-6)
+    assert torch.allclose(torch.unique(torch.round(pixels * 16)), raw) and torch.allclose(pixels * 16, torch.round(
+        pixels * 16), atol=1e-4)
+    imgs = data.imgs[:32]
+    s = FinetuneSettings()
+    out = augment_batch(imgs, s, mean, std, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ref = random_erase((rand_augment(imgs * std + mean, s.rand_augment_spec, g, fill=mean.flatten()) - mean) / std,
+                       0.25, g)
+    assert torch.equal(out, ref) and not torch.equal(out, imgs)
+    off = FinetuneSettings(rand_augment="", reprob=0.0)
+    assert augment_batch(imgs, off, mean, std, torch.Generator()) is imgs
+
+
+@pytest.mark.parametrize("augment", ["on", "off"])
+def test_finetune_resume_is_bit_identical(tiny_file, tmp_path, augment):
     cfg = load_config(None, ["model.img_size=8", "model.patch_size=2", "model.in_chans=1", "model.embed_dim=32",
                              "model.depth=2", "model.num_heads=2", "train.precision=\"fp32\"", "train.cpu_threads=1"])
-    s = FinetuneSettings(epochs=2, warmup_epochs=1, batch_size=256, blr=1e-3, layer_decay=0.75, drop_path=0.1)
+    extra = {} if augment == "on" else {"rand_augment": "none", "reprob": 0.0}   # on: RandAugment + erasing
+    s = FinetuneSettings(epochs=2, warmup_epochs=1, batch_size=256, blr=1e-3, layer_decay=0.75, drop_path=0.1,
+                         **extra)
     full = FineTuner(cfg, encoder_from_file(tiny_file)[0], s, tmp_path / "full", show_progress=False)
     result = full.train()
     first = sorted((tmp_path / "full" / "checkpoints").iterdir())[0]   # after epoch 1 (keep = 2)

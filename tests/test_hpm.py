@@ -15,6 +15,14 @@ def test_hard_patch_count_matches_official_schedule():
     assert num_hard_patches(12, 59, 60, alpha_T=1.0) == 12
 
 
+def test_hard_patch_ramp_can_end_early_or_be_off():
+    # ramp 1 is the official schedule exactly; ramp 0.5 reaches alpha_T at mid-run and stays; ramp 0 starts there
+    assert all(num_hard_patches(147, e, 800, ramp=1.0) == num_hard_patches(147, e, 800) for e in range(800))
+    assert num_hard_patches(147, 199, 800, ramp=0.5) == 36 and num_hard_patches(147, 399, 800, ramp=0.5) == 73
+    assert {num_hard_patches(147, e, 800, ramp=0.5) for e in range(399, 800)} == {73}
+    assert {num_hard_patches(147, e, 800, ramp=0.0) for e in (0, 1, 799)} == {73}
+
+
 def test_ema_decay_schedule():
     assert ema_decay(0, 800, 0.999, 0.9999, 100) == 0.999
     assert ema_decay(50, 800, 0.999, 0.9999, 100) == pytest.approx(0.999 + 0.5 * 0.0009)
@@ -40,7 +48,7 @@ def test_ema_update_and_skip():
 
 def tiny_cfg(**overrides):
     sets = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.decoder_dim=16", "model.decoder_depth=1",
-            "model.decoder_heads=2", "train.epochs=4"]
+            "model.decoder_heads=2", "train.epochs=4", "objective.hpm.mask_ratio=0.75"]
     return load_config("hpm_digits", sets + [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -62,6 +70,20 @@ def test_hpm_step_uses_teacher_for_hard_patches():
     loss, metrics = hpm(imgs, ctx(3, gen))
     assert torch.isfinite(loss) and set(metrics) == {"loss_rec", "loss_pred"}
     assert loss.item() == pytest.approx(metrics["loss_rec"].item() + metrics["loss_pred"].item(), rel=1e-5)
+
+
+def test_ema_decay_moves_every_step_when_asked():
+    gen = torch.Generator().manual_seed(0)
+    per_step = build_objective(tiny_cfg(**{"objective.hpm.ema_schedule": '"step"', "objective.hpm.ema_decay_start": 0.9,
+                                           "objective.hpm.ema_decay_end": 0.99}))
+    per_epoch = build_objective(tiny_cfg(**{"objective.hpm.ema_decay_start": 0.9, "objective.hpm.ema_decay_end": 0.99}))
+    # 4 epochs of 10 steps: the 6th step of epoch 2 is at epoch 2.5 (the per-epoch decay stays at epoch 2's)
+    step_ctx = StepContext(epoch=2, step=25, steps_per_epoch=10, epochs=4, generator=gen)
+    for objective in (per_step, per_epoch):
+        objective.on_epoch_start(step_ctx)
+        objective.after_optimizer_step(step_ctx)
+    assert per_epoch.decay == pytest.approx(0.9 + 2 / 4 * 0.09)
+    assert per_step.decay == pytest.approx(0.9 + 2.5 / 4 * 0.09)
 
 
 def test_relative_false_uses_standardized_mse():

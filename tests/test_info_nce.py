@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from sslpt.kernels import BackendUnavailable
 from sslpt.kernels.info_nce import MAX_TRITON_DIM, info_nce, info_nce_lse, info_nce_ref, lse_backward, lse_forward
+from testkit import spawn_ranks
 
 
 @pytest.fixture
@@ -43,6 +44,8 @@ CASES = [  # N (1 and sizes off the tile), d (power of 2, not, small), temperatu
     (100, 64, 1.0, False, False),
     (37, 16, 0.2, True, True),
     (100, 100, 0.5, False, True),
+    (37, 200, 0.1, True, False),    # wider rows (BLOCK_D 256 and 512)
+    (20, 300, 0.3, True, True),
 ]
 
 
@@ -62,10 +65,11 @@ def test_float_temperature_and_positive_pairs():
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_low_precision(dtype, rtol, symmetric):
+@pytest.mark.parametrize("d", [64, 300])
+def test_low_precision(dtype, rtol, symmetric, d):
     """Inputs already unit-norm and rounded: the only error is the kernel's (P rounded for the 2nd matmul)."""
-    q = F.normalize(torch.randn(37, 64), dim=-1).to(dtype)
-    k = F.normalize(q.float() + 0.5 * torch.randn(37, 64), dim=-1).to(dtype)
+    q = F.normalize(torch.randn(37, d), dim=-1).to(dtype)
+    k = F.normalize(q.float() + 0.5 * torch.randn(37, d), dim=-1).to(dtype)
     _check(q, k, torch.tensor(0.1), rtol=rtol, normalize=False, symmetric=symmetric)
 
 
@@ -193,6 +197,11 @@ def test_gpu_configs_fit_shared_memory_and_prefer_wgmma():
                 rows = {c.kwargs["BLOCK_M"] for c in configs}
                 assert rows and (min(rows) >= m.WGMMA_MIN_ROWS or max(rows) < m.WGMMA_MIN_ROWS) or \
                     (dim, elsize) == (2048, 4)
+    # a backward tile with a 16K-value fp32 accumulator spilled on 4 warps (nt_xent, d = 256 bf16): 8 warps only
+    for dim in (64, 128, 256, 1000):
+        for elsize in (2, 4):
+            assert all(c.num_warps == 8 for c in m._gpu_configs("bwd", m._block_d(dim), elsize)
+                       if c.kwargs["BLOCK_M"] * m._block_d(dim) >= 16384)
     # the issue's case: d = 1000 fp32 offered 8 forward configs, 6 of them beyond 227 KB
     assert len(m._gpu_configs("fwd", 1024, 4)) == 2
     assert all(c.kwargs["BLOCK_M"] >= 64 for c in m._gpu_configs("fwd", 1024, 2))   # bf16: wgmma tiles fit
@@ -384,18 +393,12 @@ def _queue_worker(rank: int, port: int, out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def queue_two_ranks(tmp_path_factory):
-    import socket
-
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path_factory.mktemp("queue_dist") / "results.pt")
-    mp.spawn(_queue_worker, args=(port, out), nprocs=WORLD, join=True)
+    spawn_ranks(_queue_worker, out, nprocs=WORLD)
     return torch.load(out)
 
 

@@ -3,7 +3,6 @@ torch.compile with a learnable temperature, distinct ids_keep, a finite attentio
 relative_loss, and cross-rank gathers without deprecated collectives."""
 import math
 import os
-import socket
 import sys
 import typing
 import warnings
@@ -15,6 +14,7 @@ import torch.distributed as dist
 import sslpt.kernels as K
 from sslpt.kernels import (attention, embed_visible_patches, gather_tokens, info_nce, nt_xent, relative_loss,
                            scatter_tokens, sparse_attention)
+from testkit import free_port
 
 OPS = ("gather_tokens", "scatter_tokens", "embed_visible_patches", "hard_patch_masking", "patch_loss",
        "relative_loss", "info_nce", "nt_xent", "sparse_attention", "attention")
@@ -152,9 +152,7 @@ def test_relative_loss_infinite_score_agrees_across_backends(stable):
 
 @pytest.fixture
 def one_rank_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:

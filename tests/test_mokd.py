@@ -21,7 +21,8 @@ TINY = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "objective.m
         "objective.mokd.local_crops=2", "objective.mokd.drop_path=0.0", "train.batch_size=8", "train.log_every=1",
         "data.synthetic_size=16", "train.probe=false", "train.eval_every=0", "data.name=synthetic",
         "objective.mokd.cnn_warmup_teacher_temp_epochs=3", "objective.mokd.vit_warmup_teacher_temp_epochs=2",
-        "objective.mokd.lambda_vit=0.3", "objective.mokd.lambda_cnn=0.7"]
+        "objective.mokd.lambda_vit=0.3", "objective.mokd.lambda_cnn=0.7", "objective.mokd.warmup_teacher_temp=0.04",
+        "objective.mokd.teacher_temp=0.07", "objective.mokd.head_bn=false", 'objective.mokd.vit_pooling="cls"']
 
 
 def tiny_cfg(*extra):
@@ -123,10 +124,11 @@ def literal_terms(obj, imgs, step_ctx, centers, temps):
         out[f"{name}_head"] = dino_loss_loop(mine["head"], teachers[name]["head"], centers[f"{name}_head"], 0.1,
                                         temps[name], crops)
         out[f"{name}_thead"] = dino_loss_loop(mine["t"], teachers[name]["t"], centers[f"{name}_thead"], 0.1,
-                                         temps[name], crops)
+                                         s.thead_teacher_temp or temps[name], crops)
         out[f"{name}_cross"] = dino_loss_loop(mine["head"], theirs["head"], centers[f"{name}_cross"], 0.1, temps["vit"],
                                          crops)
-        out[f"{name}_search"] = search_loop(mine["t"][2 * batch:], theirs["search"], 0.1, temps["vit"])
+        out[f"{name}_search"] = search_loop(mine["t"][2 * batch:], theirs["search"], 0.1,
+                                            s.thead_teacher_temp or temps["vit"])
         out[f"loss_{name}"] = out[f"{name}_head"] + out[f"{name}_thead"] + lam * (out[f"{name}_cross"]
                                                                                   + out[f"{name}_search"])
     return out, teachers
@@ -219,7 +221,7 @@ def test_each_teacher_follows_its_own_student_and_the_first_epoch_freezes_protot
     before = {n: [p.detach().clone() for p in obj.teacher(n).parameters()] for n in ("cnn", "vit")}
     step_ctx = ctx(epoch=0, step=0, steps_per_epoch=4, epochs=20)
     obj.after_optimizer_step(step_ctx)
-    m = 1 - (1 - 0.95) * (1 + math.cos(math.pi * (1 / 4) / 20)) / 2
+    m = 1 - (1 - obj.settings.momentum_teacher) * (1 + math.cos(math.pi * (1 / 4) / 20)) / 2
     for name in ("cnn", "vit"):
         for old, t, s in zip(before[name], obj.teacher(name).parameters(), obj.students[name].parameters()):
             torch.testing.assert_close(t, m * old + (1 - m) * s.detach())
@@ -250,7 +252,8 @@ def test_t_head_resamples_positions_and_excludes_the_query():
     ("objective.mokd.local_size=3", "local_size"), ("objective.mokd.cnn_momentum=1.0", "cnn_momentum"),
     ("objective.mokd.cnn_arch=vgg", "cnn_arch"), ("objective.mokd.center_momentum=2", "center_momentum"),
     ("model.arch=resnet18", "model.arch"), ("train.parallel=fsdp", "train.parallel"),
-    ("objective.mokd.probe_model=both", "probe_model"),
+    ("objective.mokd.probe_model=both", "probe_model"), ("objective.mokd.thead_teacher_temp=0", "thead_teacher_temp"),
+    ("objective.mokd.cnn_width=0", "cnn_width"),
 ])
 def test_bad_settings_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field):
@@ -267,3 +270,50 @@ def test_short_run_logs_every_term_and_probes_either_model(tmp_path):
     cnn = build_objective(tiny_cfg("objective.mokd.probe_model=cnn"))
     assert type(cnn.encoder).__name__ == "ResNet" and type(build_objective(tiny_cfg()).encoder).__name__ == \
         "VisionTransformer"
+
+
+def test_cnn_width_and_the_vits_pooling():
+    """objective.mokd.cnn_width narrows the ResNet (its T-head's 1x1 reduction follows); export refuses a probed
+    CNN of width != 64 naming the field; vit_pooling = "mean" feeds the ViT's DINO head and query the mean of
+    its patch tokens; head_bn puts BatchNorms in the DINO heads."""
+    from sslpt.engine.export import ExportError, require_library_width
+
+    obj = build_objective(tiny_cfg("objective.mokd.cnn_width=8", "objective.mokd.probe_model=cnn"))
+    cnn = obj.students["cnn"]
+    assert cnn.encoder.width == 8 and cnn.encoder.embed_dim == 64 and cnn.thead.reduce.in_channels == 64
+    assert obj.teacher("cnn").encoder.layer4[0].conv1.weight.shape == (64, 32, 3, 3)
+    with pytest.raises(ExportError, match=r"objective\.mokd\.cnn_width=8"):
+        require_library_width(obj.encoder, obj.width_field)
+    torch.manual_seed(0)
+    obj = build_objective(tiny_cfg('objective.mokd.vit_pooling="mean"', "objective.mokd.head_bn=true"))
+    vit = obj.students["vit"]
+    imgs = torch.randn(3, 1, 8, 8)
+    feature, tokens, query = vit.encode(imgs)
+    out = vit.encoder(imgs)
+    torch.testing.assert_close(feature, out[:, 1:].mean(dim=1))
+    assert torch.equal(query, feature) and obj.teacher("vit").pooling == "mean"
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in vit.head.modules())
+    loss, _ = obj(imgs, ctx())
+    assert math.isfinite(loss.item())
+
+
+def test_thead_teacher_temp_sets_only_the_t_head_terms():
+    """thead_teacher_temp replaces the scheduled teacher temperature in the own-T-head and search terms of both
+    models; the DINO-head and cross terms keep the schedule. Equal to the schedule's value: the same loss."""
+    imgs, step_ctx = torch.randn(4, 1, 8, 8), ctx(epoch=40, epochs=50)   # past both warm-ups: one temperature
+    terms, scheduled = {}, tiny_cfg().objective.teacher_temp
+    for temp in (None, scheduled, 0.3):
+        torch.manual_seed(0)
+        cfg = tiny_cfg()
+        cfg.objective.thead_teacher_temp = temp   # None (the official schedules) has no TOML spelling
+        obj = build_objective(cfg)
+        obj.on_epoch_start(step_ctx)
+        assert obj.temperatures == {"cnn": scheduled, "vit": scheduled}
+        _, metrics = obj(imgs, ctx(epoch=40, epochs=50))
+        terms[temp] = {k: float(v) for k, v in metrics.items() if k.startswith("loss_")}
+    assert terms[None] == pytest.approx(terms[scheduled], rel=1e-6)
+    for model in ("cnn", "vit"):
+        for term in ("head", "cross"):
+            assert terms[0.3][f"loss_{model}_{term}"] == pytest.approx(terms[None][f"loss_{model}_{term}"], rel=1e-6)
+        for term in ("thead", "search"):
+            assert terms[0.3][f"loss_{model}_{term}"] != pytest.approx(terms[None][f"loss_{model}_{term}"], rel=1e-3)

@@ -4,7 +4,6 @@ centre, frozen prototypes, large logits, low precision, unwritten outputs; the r
 original loop; gradcheck; prototype_center (one process and 2 gloo ranks); bad inputs; torch.compile."""
 import importlib
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 
 from sslpt.kernels import BackendUnavailable, prototype_center, prototype_cross_entropy
 from sslpt.kernels.reference import prototype_cross_entropy_ref
+from testkit import free_port
 
 # the module (the package attribute of that name is the function)
 pce = importlib.import_module("sslpt.kernels.prototype_cross_entropy")
@@ -307,18 +307,12 @@ def _center_data():
     return torch.randn(8, 16, generator=g), torch.randn(24, 16, generator=g)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_prototype_center_over_two_ranks_is_the_global_mean(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     out = str(tmp_path / "centers.pt")
     # fork: the children inherit the imported modules (spawn would re-import torch, seconds per rank)
-    mp.start_processes(_center_worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="fork")
+    mp.start_processes(_center_worker, args=(free_port(), out), nprocs=WORLD, join=True, start_method="fork")
     teacher, wt = _center_data()
     for center in torch.load(out):  # every rank holds the global-batch centre
         torch.testing.assert_close(center, (teacher @ wt.T).mean(0), atol=1e-5, rtol=1e-5)

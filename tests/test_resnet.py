@@ -4,13 +4,11 @@ resolution, FLOPs against a hook count, the config rules for ResNets, SimCLR / M
 2 CPU ranks through the trainer."""
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -20,6 +18,7 @@ from sslpt.engine.models.resnet import (BasicBlock, Bottleneck, ResNet, build_re
                                         resnet_flops)
 from sslpt.engine.models.vit import VisionTransformer
 from sslpt.engine.objectives import StepContext, build_objective
+from testkit import spawn_ranks
 
 
 # ---------------------------------------------------------------- names and shapes
@@ -73,6 +72,49 @@ def test_resnet18_layout_and_small_stem():
     assert downsampled == {"layer2.0", "layer3.0", "layer4.0"}   # layer1 keeps width 64: no shortcut conv
     assert [len(getattr(model, f"layer{i}")) for i in (1, 2, 3, 4)] == [2, 2, 2, 2]
     assert all(isinstance(b, BasicBlock) for b in model.layer3)
+
+
+def test_width_scales_every_stage_and_the_parameters():
+    """model.resnet_width w: stem and stages w, 2w, 4w, 8w wide (x the expansion); 64 is torchvision's network."""
+    def basic_count(w, in_chans):   # ResNet-18 small stem, counted from the layout: convs + BN (weight, bias)
+        total, in_planes = 9 * in_chans * w + 2 * w, w
+        for planes in (w, 2 * w, 4 * w, 8 * w):
+            for i in range(2):
+                total += 9 * in_planes * planes + 9 * planes * planes + 4 * planes
+                if in_planes != planes:
+                    total += in_planes * planes + 2 * planes
+                in_planes = planes
+        return total
+
+    params = lambda m: sum(p.numel() for p in m.parameters())   # noqa: E731
+    # torchvision's resnet18 (11,689,512) less fc (513,000) and the 7x7 RGB stem (9,408), plus the 3x3 grey one (576)
+    assert params(resnet18(stem="small", in_chans=1)) == basic_count(64, 1) == 11_167_680
+    for width in (8, 16, 32):
+        model = resnet18(stem="small", in_chans=1, width=width)
+        assert model.width == width and model.embed_dim == 8 * width
+        assert params(model) == basic_count(width, 1)
+        maps = model.feature_maps(torch.randn(2, 1, 8, 8), ("layer1", "layer2", "layer3", "layer4"))
+        assert {k: tuple(v.shape) for k, v in maps.items()} == {
+            "layer1": (2, width, 8, 8), "layer2": (2, 2 * width, 4, 4), "layer3": (2, 4 * width, 2, 2),
+            "layer4": (2, 8 * width, 1, 1)}
+        assert model.features(torch.randn(3, 1, 8, 8)).shape == (3, 8 * width)
+        assert [model.stage_channels(n) for n in ("layer1", "layer2", "layer3", "layer4")] == [
+            width, 2 * width, 4 * width, 8 * width]
+        assert resnet_flops(model, 8) == pytest.approx(resnet_flops(resnet18(stem="small", in_chans=1), 8)
+                                                       * (width / 64) ** 2, rel=0.01)
+    wide50 = resnet50(width=16)
+    assert wide50.embed_dim == 512 and wide50.layer1[0].conv3.weight.shape == (64, 16, 1, 1)
+    # the config field reaches the backbone; bad values and a ViT are refused with the field's name
+    cfg = load_config("scfs_digits", ["model.resnet_width=16"])
+    assert build_backbone(cfg.model).embed_dim == 128
+    for value, message in (("0", "must be an integer >= 1"), ("-8", "must be an integer >= 1"),
+                           ("12.5", "must be an integer")):
+        with pytest.raises(ConfigError, match=f"model.resnet_width {message}"):
+            load_config("scfs_digits", [f"model.resnet_width={value}"])
+    with pytest.raises(ConfigError, match="model.resnet_width=16 applies to ResNets only"):
+        load_config("dino_digits", ["model.resnet_width=16"])
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+        resnet18(width=0)
 
 
 def test_init_is_torchvisions():
@@ -341,12 +383,6 @@ DDP_RUN = RESNET_SMALL + ["train.parallel=ddp", "data.name=synthetic", "data.syn
                           "objective.simclr.proj_dim=32", "optim.warmup_epochs=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, port: int, base: str) -> None:
     from sslpt.engine.models.heads import sync_batchnorm_if_distributed
     from sslpt.engine.train import Trainer
@@ -382,7 +418,7 @@ def ddp_ranks(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     base = tmp_path_factory.mktemp("resnet_ddp")
-    mp.spawn(_ddp_worker, args=(_free_port(), str(base)), nprocs=2, join=True)
+    spawn_ranks(_ddp_worker, str(base))
     return [torch.load(base / f"rank{r}.pt") for r in (0, 1)], base
 
 

@@ -18,7 +18,8 @@ from test_dino import dino_loss_loop  # DINO's DINOLoss written as the official 
 TINY = ["model.img_size=12", "objective.scfs.out_dim=37", "objective.scfs.head_hidden=24",
         "objective.scfs.bottleneck_dim=16", "objective.scfs.shallow_bottleneck=8", "objective.scfs.shallow_hidden=24",
         "objective.scfs.shallow_dim=12", "objective.scfs.local_crops=2", "objective.scfs.local_size=6",
-        "objective.scfs.warmup_teacher_temp_epochs=3", "train.batch_size=8", "data.name=synthetic",
+        "objective.scfs.warmup_teacher_temp_epochs=3", "objective.scfs.warmup_teacher_temp=0.04",
+        "objective.scfs.teacher_temp=0.07", "train.batch_size=8", "data.name=synthetic",
         "data.synthetic_size=16", "train.probe=false", "train.eval_every=0", "train.log_every=1"]
 LAYERS = ("layer2", "layer3", "layer4")
 
@@ -140,7 +141,10 @@ def test_step_loss_and_gradients_equal_the_official_loss_in_float64():
 def test_shallow_heads_shape_teacher_follows_and_last_layer_frozen_in_epoch_one():
     obj = build_objective(tiny_cfg())
     assert set(obj.model.shallow) == set(LAYERS) and set(obj.teacher.model.shallow) == set(LAYERS)
-    assert obj.model.shallow["layer3"].conv1.in_channels == 256 and obj.shallow_centers.shape == (3, 12)
+    width = obj.model.encoder.width   # model.resnet_width: layer3 is 4 x width wide
+    assert obj.model.shallow["layer3"].conv1.in_channels == 4 * width and obj.shallow_centers.shape == (3, 12)
+    wide = build_objective(tiny_cfg("model.resnet_width=64"))
+    assert [wide.model.shallow[n].conv1.in_channels for n in LAYERS] == [128, 256, 512]
     head = ShallowHead(6, 4, 10, 5).eval()
     out = head(torch.randn(3, 6, 2, 5))
     assert out.shape == (3, 5) and torch.allclose(out.norm(dim=1), torch.ones(3))

@@ -24,7 +24,7 @@ def build_backbone(model_cfg, **vit_kwargs) -> nn.Module:
         raise ConfigError(f"{', '.join(given)} applies to ViT encoders only; model.arch={model_cfg.arch!r} is a "
                           f"ResNet")
     return build_resnet(model_cfg.arch, in_chans=model_cfg.in_chans, stem=model_cfg.resnet_stem,
-                        img_size=model_cfg.img_size)
+                        img_size=model_cfg.img_size, width=model_cfg.resnet_width)
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:

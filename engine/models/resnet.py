@@ -8,7 +8,9 @@ global-average-pooled output of ``layer4``, [B, embed_dim].
 ``stem="imagenet"`` is the 7x7 stride-2 convolution and 3x3 max-pool (total stride 32); ``stem="small"``
 replaces them with a 3x3 stride-1 convolution and no pool (total stride 8), the usual CIFAR-style stem, so
 that tiny images (8x8 digits) keep a spatial extent through ``layer4``. Any input resolution works: the
-pooling at the end is global.
+pooling at the end is global. ``width`` is the first stage's width (64: torchvision's and timm's); the stages are
+width, 2 width, 4 width and 8 width wide (times the block's expansion), the stem ``width``. Only 64 has a
+library name: other widths are for small CPU runs (a width-16 ResNet-18 has ~1/16 of the parameters and FLOPs).
 """
 from __future__ import annotations
 
@@ -91,7 +93,8 @@ class ResNet(nn.Module):
     ``num_classes > 0`` adds torchvision's ``fc`` classifier, which ``forward`` then applies."""
 
     def __init__(self, block: type[nn.Module], layers, *, in_chans: int = 3, stem: str = "imagenet",
-                 num_classes: int = 0, zero_init_residual: bool = False, img_size: int | None = None):
+                 num_classes: int = 0, zero_init_residual: bool = False, img_size: int | None = None,
+                 width: int = 64):
         super().__init__()
         if block not in (BasicBlock, Bottleneck):
             raise ValueError(f"block must be BasicBlock or Bottleneck, got {block!r}")
@@ -103,19 +106,22 @@ class ResNet(nn.Module):
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         if num_classes < 0:
             raise ValueError(f"num_classes must be >= 0 (0: no classifier), got {num_classes}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be an integer >= 1 (64: torchvision's ResNets), got {width!r}")
+        self.width = width
         self.block, self.layers, self.stem, self.in_chans = block, tuple(int(n) for n in layers), stem, in_chans
         self.img_size = img_size
-        self.embed_dim = 512 * block.expansion
+        self.embed_dim = 8 * width * block.expansion
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, width, kernel_size=7, stride=2, padding=3, bias=False)
         else:
-            self.conv1 = conv3x3(in_chans, 64)
-        self.bn1 = nn.BatchNorm2d(64)
-        self._in_planes = 64
-        self.layer1 = self._stage(64, self.layers[0], stride=1)
-        self.layer2 = self._stage(128, self.layers[1], stride=2)
-        self.layer3 = self._stage(256, self.layers[2], stride=2)
-        self.layer4 = self._stage(512, self.layers[3], stride=2)
+            self.conv1 = conv3x3(in_chans, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self._in_planes = width
+        self.layer1 = self._stage(width, self.layers[0], stride=1)
+        self.layer2 = self._stage(2 * width, self.layers[1], stride=2)
+        self.layer3 = self._stage(4 * width, self.layers[2], stride=2)
+        self.layer4 = self._stage(8 * width, self.layers[3], stride=2)
         del self._in_planes
         self.fc = nn.Linear(self.embed_dim, num_classes) if num_classes else None
         self._init_weights(zero_init_residual)
@@ -144,6 +150,10 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn.weight)
+
+    def stage_channels(self, name: str) -> int:
+        """Output channels of stage ``name`` (width, 2, 4, 8 x width, times the block's expansion)."""
+        return self.width * 2 ** STAGES.index(name) * self.block.expansion
 
     @property
     def stage_strides(self) -> dict[str, int]:
@@ -192,13 +202,13 @@ class ResNet(nn.Module):
 
 
 def build_resnet(arch: str, *, in_chans: int = 3, stem: str = "imagenet", num_classes: int = 0,
-                 zero_init_residual: bool = False, img_size: int | None = None) -> ResNet:
-    """The ResNet called ``arch`` (one of RESNET_ARCHS)."""
+                 zero_init_residual: bool = False, img_size: int | None = None, width: int = 64) -> ResNet:
+    """The ResNet called ``arch`` (one of RESNET_ARCHS), its first stage ``width`` wide (64: the library's)."""
     if arch not in RESNET_ARCHS:
         raise ValueError(f"arch must be one of {', '.join(RESNET_ARCHS)}, got {arch!r}")
     block, layers = RESNET_ARCHS[arch]
     return ResNet(block, layers, in_chans=in_chans, stem=stem, num_classes=num_classes,
-                  zero_init_residual=zero_init_residual, img_size=img_size)
+                  zero_init_residual=zero_init_residual, img_size=img_size, width=width)
 
 
 def resnet18(**kwargs) -> ResNet:
@@ -218,7 +228,10 @@ def resnet101(**kwargs) -> ResNet:
 
 
 def resnet_arch_name(encoder: ResNet) -> str | None:
-    """The RESNET_ARCHS name of ``encoder``'s block type and depths, or None for another layout."""
+    """The RESNET_ARCHS name of ``encoder``'s block type and depths, or None for another layout (or a width
+    other than 64, which no library name describes)."""
+    if encoder.width != 64:
+        return None
     for name, (block, layers) in RESNET_ARCHS.items():
         if encoder.block is block and encoder.layers == layers:
             return name

@@ -15,6 +15,10 @@ Matching uses the BACKBONE features (not the projections), many-to-one, without 
 one has B * S x 65,536 logits at the official shapes, which the Triton path never materialises. After the loss
 the normalised keys enter queue_g and, for the dense queue, ONE vector per image: the mean over locations of the
 key's dense projection, normalised (the official code pools before enqueueing; it does not store S per image).
+The keys are written after the optimizer step, once the backward has read the queue: the op can then keep a
+reference to the queue for its backward instead of a copy (32 MB per queue at the official size). With
+``train.accum_steps`` > 1 the micro-batches of one step all contrast against the queue as it was at the start of
+the step, and their keys enter it in order at the end.
 
 Backbones: a ResNet's locations are its layer4 map ([B, 2048, 7, 7] -> S = 49 for a ResNet-50 at 224 px) and its
 global feature the average pool of that map; on a ViT (not official) the locations are the final patch tokens
@@ -137,16 +141,28 @@ class DenseCL(Objective):
         self.teacher = EMATeacher(self.model)   # the key encoder and neck
         self.global_queue = FeatureQueue(settings.proj_dim, settings.queue_size)
         self.dense_queue = FeatureQueue(settings.proj_dim, settings.queue_size)
+        # (global keys, pooled dense keys) of the micro-batches since the last optimizer step: written into the
+        # queues once the backward that reads the queues is done. Empty whenever a checkpoint is taken.
+        self.pending_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         self.teacher.update(self.settings.key_momentum)
+        self.flush_keys()
+
+    @torch.no_grad()
+    def flush_keys(self) -> None:
+        """Enqueue the keys of the forwards since the last optimizer step, in order."""
+        for global_keys, dense_keys in self.pending_keys:
+            self.global_queue.enqueue(global_keys)
+            self.dense_queue.enqueue(dense_keys)
+        self.pending_keys.clear()
 
     def loss_lambda(self, step: int) -> float:
         return 0.0 if step < self.settings.lambda_warmup_steps else self.settings.loss_lambda
 
     def contrast(self, q: torch.Tensor, k: torch.Tensor, queue: FeatureQueue) -> torch.Tensor:
-        # a copy: the queue is overwritten in place by this step's keys before the backward reads it
-        negatives = queue.features.to(q.dtype, copy=True)
+        # no copy in fp32 (the queue is only written after the backward, see flush_keys)
+        negatives = queue.features.to(q.dtype)
         return kernels.info_nce(q, k, self.settings.temperature, queue=negatives, in_batch_negatives=False)
 
     def forward(self, imgs: torch.Tensor, ctx: StepContext):
@@ -163,8 +179,9 @@ class DenseCL(Objective):
         lam = self.loss_lambda(ctx.step)
         loss = (1.0 - lam) * global_loss + lam * dense_loss
         with torch.no_grad():
-            self.global_queue.enqueue(F.normalize(k_global.float(), dim=1))
-            self.dense_queue.enqueue(F.normalize(k_dense.float().mean(dim=1), dim=1))   # one pooled vector per image
+            if self.training:   # one pooled vector per image for the dense queue
+                self.pending_keys.append((F.normalize(k_global.float(), dim=1),
+                                          F.normalize(k_dense.float().mean(dim=1), dim=1)))
             positive_cos = F.cosine_similarity(q_global.float(), k_global.float(), dim=1).mean()
         return loss, {"loss_global": global_loss.detach(), "loss_dense": dense_loss.detach(),
                       "lambda": torch.tensor(lam, device=loss.device), "positive_cos": positive_cos,

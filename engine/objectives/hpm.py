@@ -27,6 +27,7 @@ from .mae import MAE, MAESettings, decoder_flops
 @dataclass(kw_only=True)
 class HPMSettings(MAESettings):
     alpha_T: float = 0.5            # final fraction of the masked set chosen as hard patches
+    alpha_ramp: float = 1.0         # fraction of the run over which K ramps up to alpha_T (1: official; 0: no ramp)
     rec_weight: float = 1.0
     pred_weight: float = 1.0
     relative: bool = True           # False: the paper's ablation, MSE to per-image standardised losses
@@ -34,12 +35,14 @@ class HPMSettings(MAESettings):
     ema_decay_start: float = 0.999
     ema_decay_end: float = 0.9999
     ema_ramp_epochs: int = 100      # shortened to the run's length for runs under 100 epochs
+    ema_schedule: Literal["epoch", "step"] = "epoch"   # the decay moves once per epoch (official) or every step
     tie_break: Literal["random", "position"] = "random"   # among equally-scored patches (position: lower first)
 
     def check(self, cfg) -> None:
         super().check(cfg)
         key = self.key
         require(0.0 <= self.alpha_T <= 1.0, f"{key('alpha_T')} must be in [0, 1], got {self.alpha_T}")
+        require(0.0 <= self.alpha_ramp <= 1.0, f"{key('alpha_ramp')} must be in [0, 1], got {self.alpha_ramp}")
         require(self.rec_weight >= 0 and self.pred_weight >= 0,
                 f"{key('rec_weight')} and {key('pred_weight')} must be >= 0")
         for name in ("ema_decay_start", "ema_decay_end"):
@@ -48,9 +51,13 @@ class HPMSettings(MAESettings):
         require(self.ema_ramp_epochs >= 0, f"{key('ema_ramp_epochs')} must be >= 0, got {self.ema_ramp_epochs}")
 
 
-def num_hard_patches(num_masked: int, epoch: int, total_epochs: int, alpha_T: float = 0.5) -> int:
-    """``int(num_masked * alpha)`` with ``alpha = (epoch + 1) / T * alpha_T``, as the official mask generator."""
-    alpha = (epoch + 1) / total_epochs * alpha_T
+def num_hard_patches(num_masked: int, epoch: int, total_epochs: int, alpha_T: float = 0.5,
+                     ramp: float = 1.0) -> int:
+    """``int(num_masked * alpha)`` with ``alpha = (epoch + 1) / T * alpha_T``, as the official mask generator.
+
+    ``ramp < 1`` reaches ``alpha_T`` after that fraction of the run and stays there; ``ramp = 0`` uses
+    ``alpha_T`` from the first epoch (no easy-to-hard curriculum)."""
+    alpha = alpha_T if ramp == 0 else min((epoch + 1) / (total_epochs * ramp), 1.0) * alpha_T
     return min(int(num_masked * alpha), num_masked)
 
 
@@ -83,10 +90,14 @@ class HPM(MAE):
         self.decay = ema_decay(ctx.epoch, ctx.epochs, s.ema_decay_start, s.ema_decay_end, s.ema_ramp_epochs)
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
+        s = self.settings
+        if s.ema_schedule == "step":   # the ramp evaluated at this step's fractional epoch
+            self.decay = ema_decay(ctx.progress, ctx.epochs, s.ema_decay_start, s.ema_decay_end, s.ema_ramp_epochs)
         self.teacher.update(self.decay)
 
     def num_hard(self, ctx: StepContext) -> int:
-        return num_hard_patches(self.num_masked, ctx.epoch, ctx.epochs, self.settings.alpha_T)
+        s = self.settings
+        return num_hard_patches(self.num_masked, ctx.epoch, ctx.epochs, s.alpha_T, s.alpha_ramp)
 
     @torch.no_grad()
     def teacher_scores(self, imgs: torch.Tensor) -> torch.Tensor:

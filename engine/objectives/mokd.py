@@ -11,7 +11,8 @@ teacher, each term its own centre) and CE the row-by-row cross-entropy without c
           + lambda_c [ DINO(s_c.head, t_v.head) + CE(s_c.T(local crops), t_v.search(q_c)) ]
 
 and the ViT's the mirror image with lambda_v. The feature search: the student's query for each local crop
-(the CNN: its T-head's pooled 1x1-conv map; the ViT: its cls token), detached, is prepended to the *other*
+(the CNN: its T-head's pooled 1x1-conv map; the ViT: its cls token, or with ``vit_pooling = "mean"`` the mean
+of its patch tokens, which then also feeds its DINO head), detached, is prepended to the *other*
 model's teacher T-head input built from global crop 1 of the same image; after the blocks the query token is
 dropped and the rest pooled and projected: that distribution is the target for the student's T-head on the
 local crop. Every cross-entropy (8 per step, over K prototypes) goes through
@@ -42,7 +43,7 @@ from sslpt.engine.config import require, require_probability, require_range, req
 from sslpt.engine.data.views import ViewAugment, multi_crop
 from sslpt.engine.distributed import negatives_group
 from sslpt.engine.ema import EMATeacher, cosine_momentum
-from sslpt.engine.models.backbones import backbone_flops, build_backbone
+from sslpt.engine.models.backbones import backbone_flops, build_backbone, pool_tokens
 from sslpt.engine.models.contrastive import ViewSettings
 from sslpt.engine.models.dino_head import DINOHead
 from sslpt.engine.models.mokd_heads import THead, conv_grid
@@ -62,10 +63,14 @@ class MOKDSettings(ViewSettings):
     """Defaults: the official ResNet-50 + ViT-S/16 recipe (2 x 224 + 8 x 96 crops, K = 65,536)."""
     cnn_arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     cnn_stem: Literal["imagenet", "small"] = "imagenet"
+    cnn_width: int = 64                 # the ResNet's first-stage width (stages w, 2w, 4w, 8w); 64: torchvision's
     out_dim: int = 65536                # K prototypes, every head
     head_hidden: int = 2048
     bottleneck_dim: int = 256
     head_layers: int = 3
+    head_bn: bool = False               # BatchNorm in every DINO head's MLP (DINO's use_bn; the official: off)
+    vit_pooling: Literal["cls", "mean"] = "cls"   # the ViT's global feature and query: cls token (official) or
+                                                  # the mean of its patch tokens
     thead_depth: int = 3                # T-head blocks; width and heads are the ViT's (384 / 6 for ViT-S)
     drop_path: float = 0.1              # the ViT student's stochastic depth (T-heads: none)
     student_temp: float = 0.1
@@ -73,6 +78,10 @@ class MOKDSettings(ViewSettings):
     warmup_teacher_temp: float = 0.04
     cnn_warmup_teacher_temp_epochs: int = 50   # the CNN's own two terms
     vit_warmup_teacher_temp_epochs: int = 30   # every other term (the ViT's, both cross terms, both searches)
+    # the T-head terms' teacher temperature (own T-head and search, both models), constant; None: the schedules
+    # above, as the official code. The T-heads' logits are unbounded (LayerNorm'd input, trained prototype norms:
+    # ~10x a DINO head's cosine logits), so a teacher temperature that suits the DINO heads can make them one-hot
+    thead_teacher_temp: float | None = None
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996     # cosine to 1 per iteration, both teachers
     freeze_last_layer: int = 1          # epochs without gradient for the four students' prototypes
@@ -96,7 +105,7 @@ class MOKDSettings(ViewSettings):
         key = self.key
         require_vit(cfg, "mokd")
         for name in ("out_dim", "head_hidden", "bottleneck_dim", "head_layers", "thead_depth", "local_size",
-                     "local_crops"):
+                     "local_crops", "cnn_width"):
             require(getattr(self, name) >= 1, f"{key(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "cnn_blr"):
             require(getattr(self, name) > 0, f"{key(name)} must be > 0, got {getattr(self, name)}")
@@ -108,6 +117,8 @@ class MOKDSettings(ViewSettings):
         require(0 <= self.cnn_momentum < 1, f"{key('cnn_momentum')} must be in [0, 1), got {self.cnn_momentum}")
         require(0 <= self.drop_path < 1, f"{key('drop_path')} must be in [0, 1), got {self.drop_path}")
         require(self.cnn_lr is None or self.cnn_lr > 0, f"{key('cnn_lr')} must be > 0, got {self.cnn_lr}")
+        require(self.thead_teacher_temp is None or self.thead_teacher_temp > 0,
+                f"{key('thead_teacher_temp')} must be > 0, got {self.thead_teacher_temp}")
         require(cfg.optim.lr is None or self.cnn_lr is not None,
                 f"optim.lr sets the ViT's lr absolutely: set {key('cnn_lr')} too (the CNN's lr cannot be scaled "
                 f"from cnn_blr without the batch size)")
@@ -134,17 +145,19 @@ def warmed_temperature(epoch: int, start: float, end: float, epochs: int) -> flo
 
 
 def build_cnn_backbone(settings: MOKDSettings, model) -> nn.Module:
-    return build_resnet(settings.cnn_arch, in_chans=model.in_chans, stem=settings.cnn_stem, img_size=model.img_size)
+    return build_resnet(settings.cnn_arch, in_chans=model.in_chans, stem=settings.cnn_stem, img_size=model.img_size,
+                        width=settings.cnn_width)
 
 
 class MOKDNet(nn.Module):
     """One model of the pair: backbone, DINO head and T-head. ``encode(imgs)`` gives (global feature, T-head
     input tokens with positions, query vector) for one resolution's batch."""
 
-    def __init__(self, encoder: nn.Module, head: DINOHead, thead: THead):
+    def __init__(self, encoder: nn.Module, head: DINOHead, thead: THead, pooling: str = "cls"):
         super().__init__()
         self.encoder, self.head, self.thead = encoder, head, thead
         self.is_cnn = thead.reduce is not None
+        self.pooling = pooling   # the ViT's global feature and query (cls token, or the patch tokens' mean)
 
     def encode(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.is_cnn:
@@ -152,7 +165,8 @@ class MOKDNet(nn.Module):
             tokens, query = self.thead.embed_map(feature_map)
             return feature_map.mean(dim=(2, 3)), tokens, query
         out = self.encoder(imgs)
-        return out[:, 0], self.thead.embed_tokens(out[:, 1:]), out[:, 0]
+        feature = pool_tokens(out, self.pooling)
+        return feature, self.thead.embed_tokens(out[:, 1:]), feature
 
     def last_layers(self) -> list[nn.Module]:
         return [self.head.last_layer, self.thead.last_layer]
@@ -170,11 +184,11 @@ def build_pair(settings: MOKDSettings, model) -> nn.ModuleDict:
     for name, encoder in (("cnn", cnn), ("vit", vit)):
         is_cnn = name == "cnn"
         head = DINOHead(encoder.embed_dim, s.out_dim, s.head_hidden, s.bottleneck_dim, s.head_layers,
-                        norm_last_layer=is_cnn)
+                        use_bn=s.head_bn, norm_last_layer=is_cnn)
         grid = conv_grid(model.img_size, halvings) if is_cnn else vit.grid
         thead = THead(width, s.out_dim, grid, s.thead_depth, heads, model.mlp_ratio,
                       in_channels=encoder.embed_dim if is_cnn else None, attn_backend=model.attn_backend)
-        nets[name] = MOKDNet(encoder, head, thead)
+        nets[name] = MOKDNet(encoder, head, thead, pooling="cls" if is_cnn else s.vit_pooling)
     return nn.ModuleDict(nets)
 
 
@@ -183,6 +197,7 @@ class MOKD(Objective):
     name = "mokd"
     Settings = MOKDSettings
     presets = ("mokd_digits", "mokd_resnet50_vit_small_100ep")
+    width_field = "objective.mokd.cnn_width"   # what export names when it refuses a probed CNN of width != 64
 
     def __init__(self, settings: MOKDSettings, model):
         super().__init__(settings, model)
@@ -326,17 +341,18 @@ class MOKD(Objective):
 
         out = {}
         temps = self.temperatures
+        t_temp = s.thead_teacher_temp
         for name, lam in (("cnn", s.lambda_cnn), ("vit", s.lambda_vit)):
             mine, theirs = student[name], other[name]
             local_rows = mine["t"][global_views.shape[0]:]
             out[f"{name}_head"] = ce(mine["head"], teacher[name]["head"], name, "head", name,
                                      getattr(self, f"center_{name}_head"), temps[name])
             out[f"{name}_thead"] = ce(mine["t"], teacher[name]["t"], name, "t", name,
-                                      getattr(self, f"center_{name}_thead"), temps[name])
+                                      getattr(self, f"center_{name}_thead"), t_temp or temps[name])
             out[f"{name}_cross"] = ce(mine["head"], teacher[theirs]["head"], name, "head", theirs,
                                       getattr(self, f"center_{name}_cross"), temps["vit"])
-            out[f"{name}_search"] = ce(local_rows, teacher[theirs]["search"], name, "t", theirs, None, temps["vit"],
-                                       "identity")
+            out[f"{name}_search"] = ce(local_rows, teacher[theirs]["search"], name, "t", theirs, None,
+                                       t_temp or temps["vit"], "identity")
             out[f"loss_{name}"] = (out[f"{name}_head"] + out[f"{name}_thead"]
                                    + lam * (out[f"{name}_cross"] + out[f"{name}_search"]))
         if self.training:
@@ -367,17 +383,21 @@ class MOKD(Objective):
     # ------------------------------------------------------------------ monitoring
     @torch.no_grad()
     def evaluate(self, imgs: torch.Tensor, generator: torch.Generator) -> EvalOutput:
-        """Collapse monitors of both teachers' DINO heads on the held-out batch: the mean per-image entropy
-        (log K: uniform collapse) and the entropy of the batch-mean distribution (0: one prototype for all)."""
+        """Collapse monitors of both teachers' DINO heads (and T-heads: ``<model>_thead_teacher_*``) on the held-out
+        batch: the mean per-image entropy (log K: uniform collapse) and the entropy of the batch-mean distribution
+        (0: one prototype for all; equal to the per-image one: every image gets the same distribution)."""
         metrics = {}
         for name in MODELS:
             net = self.teacher(name)
-            feature, _, _ = net.encode(imgs)
-            z = net.head(feature).float()
-            p = torch.softmax((z - getattr(self, f"center_{name}_head")) / self.temperatures[name], dim=1)
-            mean_p = p.mean(dim=0)
-            metrics[f"{name}_teacher_entropy"] = float(-(p * p.clamp_min(1e-30).log()).sum(dim=1).mean())
-            metrics[f"{name}_teacher_batch_entropy"] = float(-(mean_p * mean_p.clamp_min(1e-30).log()).sum())
+            feature, tokens, _ = net.encode(imgs)
+            t_logits = net.thead.pooled(tokens) @ net.thead.last_layer.weight().T
+            t_temp = self.settings.thead_teacher_temp or self.temperatures[name]
+            for head, z, term, temp in (("", net.head(feature), "head", self.temperatures[name]),
+                                        ("thead_", t_logits, "thead", t_temp)):
+                p = torch.softmax((z.float() - getattr(self, f"center_{name}_{term}")) / temp, dim=1)
+                mean_p = p.mean(dim=0)
+                metrics[f"{name}_{head}teacher_entropy"] = float(-(p * p.clamp_min(1e-30).log()).sum(dim=1).mean())
+                metrics[f"{name}_{head}teacher_batch_entropy"] = float(-(mean_p * mean_p.clamp_min(1e-30).log()).sum())
         metrics["log_prototypes"] = math.log(self.settings.out_dim)
         caption = ", ".join(f"{n} teacher entropy {metrics[f'{n}_teacher_entropy']:.2f} "
                             f"(batch mean {metrics[f'{n}_teacher_batch_entropy']:.2f})" for n in MODELS)

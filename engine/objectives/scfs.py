@@ -79,8 +79,8 @@ class SCFSSettings(DINOSettings):
 
 
 def stage_channels(encoder: nn.Module, layer: str) -> int:
-    """Output channels of a ResNet stage (64, 128, 256, 512 times the block's expansion)."""
-    return 64 * 2 ** STAGES.index(layer) * encoder.block.expansion
+    """Output channels of a ResNet stage (w, 2w, 4w, 8w times the block's expansion; w = model.resnet_width)."""
+    return encoder.stage_channels(layer)
 
 
 def search_targets(local_maps: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
