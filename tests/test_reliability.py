@@ -210,7 +210,8 @@ def test_diverging_run_keeps_the_checkpoint_before_its_first_skip(tmp_path, prec
     assert "step_00000004, is kept" in str(err.value) and "python -m sslpt resume" in str(err.value)
     assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
     assert read_commit(latest_checkpoint(tmp_path / "run"))["consecutive_skips"] == 0
-    assert records(tmp_path / "run", "checkpoint_deferred")[0]["kept"] == "step_00000004"
+    # (in fp16 the GradScaler's first overflow skips may defer an earlier checkpoint, with nothing kept yet)
+    assert records(tmp_path / "run", "checkpoint_deferred")[-1]["kept"] == "step_00000004"
     result = pretrain(cfg_for("train.epochs=4", "optim.blr=1e-4", f"train.precision={precision}"),
                       run_dir=tmp_path / "run", resume=True, show_progress=False)
     after = [r for r in records(tmp_path / "run", "train") if r["step"] > 4][-8:]
