@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from sslpt.kernels.info_nce import info_nce
 from sslpt.kernels.nt_xent import nt_xent
-from testkit import spawn_ranks
+from testkit import as_ddp, spawn_ranks
 
 WORLD = 2
 N, D_IN, D = 12, 8, 16
@@ -56,13 +56,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         for backend in BACKENDS:
             for case in CASES:
                 r = _step(case, backend, x1[rows], x2[rows], weight, dist.group.WORLD)
-                for key in ("loss", "weight", "temperature"):  # what DDP does to gradients: average
-                    dist.all_reduce(r[key])
-                    r[key] /= WORLD
-                for key in ("x1", "x2"):  # assemble the full input gradients, rows from their owners
-                    parts = [torch.empty_like(r[key]) for _ in range(WORLD)]
-                    dist.all_gather(parts, r[key].contiguous())
-                    r[key] = torch.cat(parts)
+                as_ddp(r, ("loss", "weight", "temperature"), ("x1", "x2"), WORLD)
                 results[backend, case] = r
         if rank == 0:
             torch.save(results, out_path)

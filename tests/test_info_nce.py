@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from sslpt.kernels import BackendUnavailable
 from sslpt.kernels.info_nce import MAX_TRITON_DIM, info_nce, info_nce_lse, info_nce_ref, lse_backward, lse_forward
-from testkit import spawn_ranks
+from testkit import as_ddp, spawn_ranks
 
 
 @pytest.fixture
@@ -376,13 +376,7 @@ def _queue_worker(rank: int, port: int, out_path: str) -> None:
         for backend in ("reference", "triton"):
             for in_batch in (True, False):
                 r = _queue_step(q[rows], k[rows], queue, in_batch, backend, dist.group.WORLD)
-                for key in ("loss", "t"):   # what DDP does: average over ranks
-                    dist.all_reduce(r[key])
-                    r[key] /= WORLD
-                for key in ("q", "k"):      # the full input gradients, rows from their owners
-                    parts = [torch.empty_like(r[key]) for _ in range(WORLD)]
-                    dist.all_gather(parts, r[key].contiguous())
-                    r[key] = torch.cat(parts)
+                as_ddp(r, ("loss", "t"), ("q", "k"), WORLD)
                 results[backend, in_batch] = r
         if rank == 0:
             torch.save(results, out_path)

@@ -15,3 +15,18 @@ def free_port() -> int:
 def spawn_ranks(worker, *args, nprocs: int = 2) -> None:
     """Run ``worker(rank, port, *args)`` in ``nprocs`` processes that share one free port; raises if any fails."""
     mp.spawn(worker, args=(free_port(), *args), nprocs=nprocs, join=True)
+
+
+def as_ddp(result: dict, mean_keys, row_keys, world: int) -> None:
+    """In place, what DDP would hold: ``mean_keys`` averaged over the ranks, ``row_keys`` (each rank's gradient of
+    its own rows) concatenated in rank order. Call on every rank of the default group."""
+    import torch
+    import torch.distributed as dist
+
+    for key in mean_keys:
+        dist.all_reduce(result[key])
+        result[key] /= world
+    for key in row_keys:
+        parts = [torch.empty_like(result[key]) for _ in range(world)]
+        dist.all_gather(parts, result[key].contiguous())
+        result[key] = torch.cat(parts)
