@@ -8,6 +8,7 @@ None where it can serve the call and else a short reason ("d=4096 > 2048 (the Tr
 
 ``backend="auto"`` picks the first implementation, in the op's order of preference, that can serve the call:
 the CUDA extension where ``CUDA_PREFERRED`` says so and it is already built, else Triton on CUDA tensors, else
+the already-built CUDA extension (where Triton cannot serve the call, e.g. rows too wide for its tiles), else
 the reference (on CPU tensors auto is therefore always the reference; Triton runs on CPU tensors only when
 named, under TRITON_INTERPRET=1). ``attention`` keeps its own auto (SDPA on CPU; on CUDA the fastest of
 triton / sdpa / xformers, measured once per case) among the candidates that can serve the call.
@@ -165,8 +166,6 @@ class Op:
         if name == "cuda":
             if device.type != "cuda":
                 return "auto runs the CUDA extension on CUDA tensors only"
-            if not CUDA_PREFERRED.get(self.name, False):
-                return f"auto prefers Triton here (CUDA_PREFERRED[{self.name!r}] is False)"
             if cuda_extension(build=False) is None:
                 return "the CUDA extension is not built (auto never builds it)"
         elif name == "triton" and device.type != "cuda":
@@ -199,7 +198,8 @@ class Op:
         if self.auto is not None:
             picked = self.auto(device, serves, args, kwargs)
             return Choice(picked, self.impls[picked].fn, skipped)
-        for candidate in AUTO_ORDER:
+        order = AUTO_ORDER if CUDA_PREFERRED.get(self.name, False) else AUTO_ORDER_TRITON_FIRST
+        for candidate in order:
             if candidate not in self.impls:
                 continue
             why = self._auto_skip(candidate, device)
@@ -231,6 +231,8 @@ class Op:
 
 OPS: dict[str, Op] = {}
 AUTO_ORDER = ("cuda", "triton", "reference")  # the generic auto's order of preference
+# where CUDA_PREFERRED is False: the extension (when built) still serves what Triton cannot, e.g. wide rows
+AUTO_ORDER_TRITON_FIRST = ("triton", "cuda", "reference")
 
 
 def define_op(name: str, auto: Optional[Callable] = None, **impls: Impl) -> Op:

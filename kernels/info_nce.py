@@ -58,6 +58,10 @@ from ._triton import INTERPRET, tl, triton
 from ._validate import FLOAT_DTYPES, check_shape, check_tensor
 
 MAX_TRITON_DIM = 2048  # the backward keeps a [BLOCK_M, d] fp32 accumulator per program
+# On a GPU, the widest rows whose every tile compiles for sm_90 without spilling registers or overflowing shared
+# memory (make aot-check, Triton 3.6-3.9, fp32 with TF32 dots and bf16; at 1000 values every tile spilled). Wider
+# rows are matmul-bound anyway, so the CUDA backend's blocked cuBLAS logits lose little there.
+MAX_GPU_DIM = 512
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,28 +286,42 @@ WGMMA_MIN_ROWS = 64
 
 def shared_bytes(kind: str, block_m: int, block_n: int, block_d: int, num_stages: int, elsize: int) -> int:
     """Shared memory of a config, as Triton 3.6-3.9 lay it out for sm_90 (checked by ``make aot-check``): the A
-    tile, max(1, stages - 1) buffers of B tiles and, in the backward, the W tile of the second dot."""
-    tiles = block_m * block_d + max(1, num_stages - 1) * block_n * block_d
+    tile, max(1, stages - 1) buffers of B tiles (fp32, whose dots run in TF32: one per stage) and, in the
+    backward, the W tile of the second dot."""
+    tiles = block_m * block_d + (num_stages if elsize == 4 else max(1, num_stages - 1)) * block_n * block_d
     if kind == "bwd":
         tiles += block_m * block_n
     return tiles * elsize
 
 
+def _registers_fit(kind: str, block_m: int, block_n: int, block_d: int, num_warps: int, elsize: int) -> bool:
+    """Whether a tile stays within the register file without spilling, by the rules ``make aot-check`` found on
+    sm_90: the backward's [BLOCK_M, d] fp32 accumulator holds at most 16K values (8K for fp32 inputs, whose A and
+    B tiles are fp32 too) and its [BLOCK_N, d] B tile at most 16K values; 4 warps only for rows of <= 256 values
+    and, in the forward, A tiles of <= 64 KB; the backward's full-size accumulators on 8 warps."""
+    if num_warps == 4 and (block_d > 256 or (kind == "fwd" and block_m * block_d * elsize > 65536)):
+        return False
+    if kind == "fwd":
+        return True
+    accumulator = 16384 if elsize == 2 else 8192
+    return (block_m * block_d <= accumulator and block_n * block_d <= 16384
+            and not (num_warps == 4 and block_m * block_d >= accumulator))
+
+
 def _gpu_configs(kind: str, block_d: int, elsize: int = 2) -> list:
-    """The autotuning configs for rows of ``block_d`` values of ``elsize`` bytes: those that fit in shared memory,
-    and among them only wgmma-sized ones where any fits (empty: Triton cannot serve this width and dtype)."""
+    """The autotuning configs for rows of ``block_d`` values of ``elsize`` bytes: those that fit in shared memory
+    and registers, and among them only wgmma-sized ones where any fits (empty: Triton cannot serve this width)."""
     if kind == "fwd":  # holds a [BLOCK_M, BLOCK_D] tile of A and streams [BLOCK_N, BLOCK_D] tiles of B
         shapes = [(128, 64), (128, 128), (64, 64), (64, 128)] if block_d <= 128 else \
             [(128, 64), (64, 64), (128, 32), (64, 32)] if block_d <= 256 else [(64, 32), (32, 32), (32, 64), (16, 32)]
-    else:  # also a [BLOCK_M, BLOCK_D] fp32 accumulator: keep it near 16K values
-        block_m = max(16, min(128, 16384 // block_d))
-        shapes = list(dict.fromkeys([(block_m, 64), (block_m, 32), (max(16, block_m // 2), 64)]))
+    else:  # also a [BLOCK_M, BLOCK_D] fp32 accumulator
+        block_m = max(16, min(128, (16384 if elsize == 2 else 8192) // block_d))
+        shapes = list(dict.fromkeys([(block_m, 64), (block_m, 32), (max(16, block_m // 2), 64),
+                                     (max(16, block_m // 2), 32)]))
     # wide rows: fewer pipeline stages, so that the B tiles still fit in shared memory
     warps_stages = ((4, 3), (8, 2)) if block_d <= 256 else ((4, 2), (8, 1))
-    # a 16K-value fp32 accumulator is 128 registers per thread over 4 warps: nt_xent's backward spilled there
-    # (make aot-check), so the backward's big tiles run on 8 warps only
     fits = [(bm, bn, w, st) for bm, bn in shapes for w, st in warps_stages
-            if not (kind == "bwd" and w == 4 and bm * block_d >= 16384)
+            if _registers_fit(kind, bm, bn, block_d, w, elsize)
             and shared_bytes(kind, bm, bn, block_d, st, elsize) <= SHARED_MEMORY_LIMIT]
     wgmma = [c for c in fits if c[0] >= WGMMA_MIN_ROWS]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
@@ -311,8 +329,11 @@ def _gpu_configs(kind: str, block_d: int, elsize: int = 2) -> list:
 
 
 def gpu_width_reason(dim: int, dtype: torch.dtype) -> Optional[str]:
-    """Why the GPU kernels cannot serve rows of ``dim`` values of ``dtype`` (no config fits), or None."""
+    """Why the GPU kernels cannot serve rows of ``dim`` values of ``dtype`` (too wide, no config fits), or None."""
     elsize = torch.empty((), dtype=dtype).element_size()
+    if dim > MAX_GPU_DIM:
+        return (f"d={dim} > {MAX_GPU_DIM}: on a GPU the Triton kernel's tiles spill registers beyond this width "
+                "(backend='cuda' serves wide rows with blocked cuBLAS matmuls)")
     for kind in ("fwd", "bwd"):
         if not _gpu_configs(kind, _block_d(dim), elsize):
             return (f"d={dim} in {str(dtype).replace('torch.', '')}: no {kind} tile of the Triton kernel fits "
@@ -739,11 +760,13 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float | torch.Tensor
     [N, 1 + Q] with a queue; F.cross_entropy); triton (never materialises the logits: O(N d) memory, logits
     recomputed tile by tile in the backward; the queue is streamed as more columns); cuda (cuBLAS logits in
     blocks of at most 2**27 fp32 values, i.e. 512 MiB, at a time; no queue). ``auto`` picks Triton on CUDA
-    tensors, the reference elsewhere and wherever Triton cannot serve the call.
+    tensors, the reference elsewhere; where Triton cannot serve the call, the CUDA backend if it is built, else
+    the reference.
     Dtypes: float32, float16, bfloat16 on every backend (fp32 accumulation; the loss is fp32); float64 on
     the reference only.
-    Limits: the Triton kernels need d <= 2048 (MAX_TRITON_DIM; ``auto`` falls back to the reference above
-    it); the CUDA backend has no limit on d. N >= 1; with a group, every rank must hold the same N.
+    Limits: the Triton kernels need d <= 512 on a GPU (MAX_GPU_DIM: wider tiles spill registers) and d <= 2048
+    under the interpreter (MAX_TRITON_DIM); above that ``auto`` uses the CUDA backend where it is built, else the
+    reference. The CUDA backend has no limit on d. N >= 1; with a group, every rank must hold the same N.
     """
     check_pair(("q", "k"), q, k)
     check_temperature(temperature, q.device)

@@ -127,7 +127,7 @@ def test_bad_inputs():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [256, 1000])
+@pytest.mark.parametrize("d", [256, 500])   # 500: the widest rows the GPU kernels serve, not a power of two
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
 def test_gpu_against_reference(d, dtype, rtol):
     z1 = torch.randn(1000, d, device="cuda")
