@@ -18,7 +18,7 @@ def test_every_provider_produces_rows(benchmark):
     assert {(r.extra["objective"], r.provider) for r in rows} == {
         (o, p) for o in bench_train_step.OBJECTIVES for p in bench_train_step.PROVIDERS}
     for r in rows:
-        if r.provider in bench_train_step.COMPILED and not math.isfinite(r.ms):  # the only ones allowed to be unavailable
+        if r.provider in bench_train_step.COMPILED and not math.isfinite(r.ms):  # only these may be unavailable
             assert r.note.startswith("unavailable:"), r
             continue
         assert math.isfinite(r.ms) and r.ms > 0, r

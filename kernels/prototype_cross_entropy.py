@@ -579,7 +579,7 @@ def prototype_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, studen
     backward; see the module docstring). ``auto`` picks Triton on CUDA tensors, the reference elsewhere.
     Dtypes: student, teacher and both weights share one of float32, float16, bfloat16 (fp32 accumulation; the
     loss is fp32), or float64 (reference only). Limits: the Triton kernels need d <= 1024 (MAX_TRITON_DIM), and
-    d <= 512 in float32 on an sm_90 GPU (shared memory); ``auto`` falls back to the reference beyond. No bound on
+    d <= 512 on a GPU (info_nce's lse kernels spill registers beyond); ``auto`` uses the reference beyond. No bound on
     the logits' magnitude is assumed. The centre is copied (K values): updating it in place after the loss, before
     the backward, is safe; ``teacher`` and the weights must not be modified in place before the backward.
     """

@@ -173,9 +173,10 @@ def test_gpu_configs_fit_shared_memory():
                         pce.SHARED_MEMORY_LIMIT
     for kind in ("teacher", "grad"):  # DINO's d = 256: only 64-row (wgmma) tiles, as compiled by make aot-check
         assert all(c.kwargs[pce._ROWS[kind]] >= 64 for c in pce._gpu_configs(kind, 256, 2))
-    for dim in (256, 384, 1024):  # DINO's bottleneck, MOKD's T-head width, the documented limit (16-bit)
+    for dim in (256, 384, 512):  # DINO's bottleneck, MOKD's T-head width, the GPU limit of info_nce's lse kernels
         assert pce.width_reason(dim, torch.bfloat16) is None
     assert pce.width_reason(256, torch.float32) is None
+    assert "513 > 512" in pce.width_reason(513, torch.bfloat16)
     assert "1025 > 1024" in pce.width_reason(1025, torch.bfloat16)
 
 

@@ -311,3 +311,42 @@ def test_parse_rand_augment():
                 "augmix-m9", "rand-m9-mstd-1"):
         with pytest.raises(ValueError):
             parse_rand_augment(bad)
+
+
+def test_policy_never_synchronises_with_the_host():
+    """No data-dependent shapes or host reads (nonzero, boolean indexing, .item()): on a GPU each would stall
+    the step until the device catches up."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    x, _ = _uint8_images(batch=16, channels=3, size=8)
+    with Ops() as seen:
+        rand_augment(x, SPEC, torch.Generator().manual_seed(3), fill=0.5)
+        random_erase(x, 0.5, torch.Generator().manual_seed(3))
+    syncing = {"nonzero", "masked_select", "_local_scalar_dense", "item", "index_put", "masked_scatter",
+               "_linalg_check_errors"}
+    assert seen.names and not (seen.names & syncing), seen.names & syncing
+    assert "index" not in seen.names    # x[bool_mask] lowers to aten.index with a data-dependent size
+
+
+@pytest.mark.gpu
+def test_policy_never_synchronises_on_a_gpu():
+    x = torch.rand(64, 3, 32, 32, device="cuda")
+    mean = torch.tensor([0.485, 0.456, 0.406], device="cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = random_erase(rand_augment(x, SPEC, g, fill=mean), 0.25, g)
+        rand_augment(x, SPEC, g, fill=0.5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == x.shape
