@@ -388,10 +388,31 @@ def case_attention():
         out.float().sum().backward()
 
 
+def case_densecl():
+    import torch
+
+    from sslpt.kernels.dense_match import _match_triton
+    from sslpt.kernels.info_nce import info_nce_triton
+    # DenseCL: matching on ResNet-50's layer4 (7 x 7 x 2048) and ViT-B/16's patch tokens (196 x 768), bf16 and
+    # fp32 (TF32); the global and dense losses against a queue of 65,536 keys of 128 values (Q only sizes grids)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            for locations, channels in ((49, 2048), (196, 768)):
+                f1, f2 = (torch.randn(4, locations, channels, dtype=dtype) for _ in range(2))
+                _match_triton(f1, f2)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    q, k = _leaf(256, 128, dtype=torch.bfloat16), _leaf(256, 128, dtype=torch.bfloat16)
+    queue = torch.randn(4096, 128, dtype=torch.bfloat16)
+    info_nce_triton(q, k, 0.2, True, False, None, queue=queue, in_batch_negatives=False).backward()
+
+
 CASES: dict[str, Callable[[], None]] = {
     "embed": case_embed, "tokens": case_tokens, "patch_loss": case_patch_loss, "info_nce": case_info_nce,
     "info_nce_wide": case_info_nce_wide, "nt_xent": case_nt_xent, "attention": case_attention,
-    "dino_loss": case_dino_loss,
+    "dino_loss": case_dino_loss, "densecl": case_densecl,
 }
 
 
@@ -422,6 +443,23 @@ def table(launches: list[Launch]) -> str:
                      f"{spills} | {x.shared / 1024:.1f} | {x.dot} | {x.seconds:.1f}{' (cached)' if x.cached else ''} | "
                      f"{'; '.join(x.problems) or 'ok'} |")
     return "\n".join(lines)
+
+
+def launched_kernels() -> set[str]:
+    """Every Triton kernel of the ops that a launch can name: the ``@triton.jit`` functions of ``sslpt.kernels``
+    whose names end in ``_kernel`` (the others are device functions they call)."""
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    import sslpt.kernels as package
+
+    names = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"sslpt.kernels.{info.name}")
+        names |= {name for name, value in vars(module).items()
+                  if isinstance(value, JITFunction) and name.endswith("_kernel")}
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[aot_check] FAIL {x.case} / {x.kernel} {x.meta}: {'; '.join(x.problems)}")
     for name, why in errors.items():
         print(f"[aot_check] FAIL case {name}: {why}")
+    if set(args.cases) == set(CASES):  # the whole check: a kernel that no case compiles is unchecked
+        for kernel in sorted(launched_kernels() - {x.kernel for x in launches}):
+            errors[f"coverage:{kernel}"] = "no case launches it"
+            print(f"[aot_check] FAIL {kernel}: no case launches it (add one to CASES)")
     print(f"[aot_check] {'FAILED' if bad or errors else 'passed'}: {len(bad)} launches with problems, "
           f"{len(errors)} cases that did not compile")
     return 1 if bad or errors else 0
