@@ -93,7 +93,7 @@ class FinetuneSettings:
                 f"finetune.reprob must be a probability in [0, 1], got {self.reprob!r}")
         try:
             self.rand_augment_spec
-        except (ValueError, AttributeError) as err:
+        except (ValueError, AttributeError, TypeError) as err:
             raise ConfigError(f"finetune.rand_augment={self.rand_augment!r} is not a RandAugment string ({err}); "
                               f"expected {FORM}") from None
 

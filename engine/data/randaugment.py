@@ -36,6 +36,7 @@ channel; applied to normalised images.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class RandAugmentSpec:
     increasing: bool = True
 
 
+@functools.lru_cache(maxsize=64)   # the fine-tuner asks for its spec every step: parse each string once
 def parse_rand_augment(text: str) -> RandAugmentSpec | None:
     """timm's config string -> spec (None for "" or "none"). Sections after ``rand``: ``m<int>`` (magnitude,
     0..10, required), ``n<int>`` (ops per image, default 2), ``mstd<float>`` (magnitude noise, >= 0 or inf,
