@@ -2,7 +2,8 @@
 from .augment import random_resized_crop_batch
 from .digits import load_digits
 from .folder import ImageFolder
-from .loader import TrainData, build_eval_data, build_train_data
+from .eval_data import build_eval_data
+from .loader import TrainData, build_train_data
 from .synthetic import synthetic_images
 
 __all__ = ["TrainData", "build_train_data", "build_eval_data", "load_digits", "synthetic_images", "ImageFolder",
