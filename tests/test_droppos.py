@@ -183,7 +183,8 @@ def test_wrong_pos_shuffles_the_dropped_positions_among_themselves():
 
 
 def test_zeros_token_and_visible_attention_source():
-    _, objective = build('objective.droppos.mask_token_type="zeros"', 'objective.droppos.attn_source="visible"')
+    _, objective = build('objective.droppos.mask_token_type="zeros"', "objective.droppos.attn_guide=true",
+                         'objective.droppos.attn_source="visible"')
     loss, _ = objective(torch.randn(4, 3, 8, 8), ctx())
     loss.backward()
     assert objective.net.mask_pos_token.grad is None     # zeros: the learnable token is unused
