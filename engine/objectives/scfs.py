@@ -78,11 +78,6 @@ class SCFSSettings(DINOSettings):
                 f"crops, got {self.local_crops}")
 
 
-def stage_channels(encoder: nn.Module, layer: str) -> int:
-    """Output channels of a ResNet stage (w, 2w, 4w, 8w times the block's expansion; w = model.resnet_width)."""
-    return encoder.stage_channels(layer)
-
-
 def search_targets(local_maps: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
     """The maps the teacher's shallow head reads for the local crops, [n B, C, h, w] in crop-major order.
 
@@ -121,7 +116,7 @@ class SCFS(DINO):
         super().__init__(settings, model)   # DINO's student (ResNet + DINO head), its teacher, the centre
         encoder = self.model.encoder
         self.model.shallow = nn.ModuleDict({
-            layer: ShallowHead(stage_channels(encoder, layer), settings.shallow_bottleneck, settings.shallow_hidden,
+            layer: ShallowHead(encoder.stage_channels(layer), settings.shallow_bottleneck, settings.shallow_hidden,
                                settings.shallow_dim)
             for layer in settings.shallow_layers})
         self.teacher = EMATeacher(self.model)   # again, now that the student has its shallow heads
@@ -211,4 +206,4 @@ class SCFS(DINO):
         return super().flops_per_image() + shallow
 
 
-__all__ = ["SCFS", "SCFSSettings", "search_targets", "soft_cross_entropy", "stage_channels"]
+__all__ = ["SCFS", "SCFSSettings", "search_targets", "soft_cross_entropy"]
