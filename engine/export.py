@@ -204,6 +204,18 @@ def _vit_shape(state: dict[str, torch.Tensor], meta: dict) -> dict:
             "num_heads": max(1, width // 64), "mlp_ratio": hidden / width}
 
 
+def _load_exactly(encoder: nn.Module, state: dict[str, torch.Tensor], kind: str) -> None:
+    """Load ``state`` into ``encoder`` when it has exactly the encoder's names and shapes; else an ExportError
+    naming the first few missing, unexpected and mis-shaped tensors."""
+    expected = encoder.state_dict()
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & state.keys() if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        raise ExportError(f"the file does not fit this {kind}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                          f"shape mismatch {wrong[:3]}")
+    encoder.load_state_dict(state, strict=True)
+
+
 def load_timm_state(encoder: VisionTransformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy a timm-named ViT state into ``encoder`` (strict over the encoder's tensors); returns what the file
     holds beyond the encoder, i.e. a classifier's ``head.*`` and ``fc_norm.*`` (anything else is an error)."""
@@ -213,13 +225,7 @@ def load_timm_state(encoder: VisionTransformer, state: dict[str, torch.Tensor]) 
             rest[name] = tensor
         else:
             ours[_rename(name, VIT_RULES_FROM_TIMM)] = tensor
-    expected = encoder.state_dict()
-    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
-    wrong = [k for k in expected.keys() & ours.keys() if tuple(expected[k].shape) != tuple(ours[k].shape)]
-    if missing or unexpected or wrong:
-        raise ExportError(f"the file does not fit this ViT: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                          f"shape mismatch {sorted(wrong)[:3]}")
-    encoder.load_state_dict(ours, strict=True)
+    _load_exactly(encoder, ours, "ViT")
     return rest
 
 
@@ -244,13 +250,7 @@ def load_resnet_state(encoder: ResNet, state: dict[str, torch.Tensor]) -> dict[s
     a classifier's ``fc.*`` tensors (anything else beyond the encoder is an error)."""
     ours = {k: v for k, v in state.items() if not k.startswith("fc.")}
     rest = {k: v for k, v in state.items() if k.startswith("fc.")}
-    expected = encoder.state_dict()
-    missing, unexpected = sorted(expected.keys() - ours.keys()), sorted(ours.keys() - expected.keys())
-    wrong = [k for k in expected.keys() & ours.keys() if tuple(expected[k].shape) != tuple(ours[k].shape)]
-    if missing or unexpected or wrong:
-        raise ExportError(f"the file does not fit this ResNet: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                          f"shape mismatch {sorted(wrong)[:3]}")
-    encoder.load_state_dict(ours, strict=True)
+    _load_exactly(encoder, ours, "ResNet")
     return rest
 
 
