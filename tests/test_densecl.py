@@ -44,7 +44,8 @@ def _branch64(net, imgs, is_resnet):
     else:
         tokens = net.encoder(imgs)
         locations, pooled = tokens[:, 1:], tokens[:, 1:].mean(dim=1)   # the digits preset pools the mean token
-    return locations, net.global_head(pooled), net.dense_head(locations)
+    dense = net.dense_head(locations.reshape(-1, locations.shape[-1])).reshape(*locations.shape[:2], -1)
+    return locations, net.global_head(pooled), dense
 
 
 def _moco_v2_ce(q, k, queue, tau):
@@ -72,10 +73,13 @@ def _reference(objective, imgs, queues, is_resnet, tau=0.2, lam=0.5):
         pooled_keys
 
 
-@pytest.mark.parametrize("backbone,backend", [("vit", "reference"), ("vit", "triton"), ("resnet", "reference")])
-def test_loss_matches_float64_reference(backbone, backend):
+@pytest.mark.parametrize("backbone,backend,neck_bn", [("vit", "reference", False), ("vit", "triton", False),
+                                                     ("resnet", "reference", False), ("vit", "reference", True),
+                                                     ("resnet", "triton", True)])
+def test_loss_matches_float64_reference(backbone, backend, neck_bn):
     is_resnet = backbone == "resnet"
-    cfg, objective = _objective(RESNET if is_resnet else VIT)
+    cfg, objective = _objective((RESNET if is_resnet else VIT) + [f"objective.densecl.neck_bn={str(neck_bn).lower()}"])
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in objective.model.dense_head.modules()) == neck_bn
     objective.train()
     with torch.no_grad():   # a key encoder that differs from the query encoder, as after some steps
         for p in objective.teacher.model.parameters():

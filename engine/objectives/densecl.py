@@ -24,6 +24,9 @@ Backbones: a ResNet's locations are its layer4 map ([B, 2048, 7, 7] -> S = 49 fo
 global feature the average pool of that map; on a ViT (not official) the locations are the final patch tokens
 (after the last LayerNorm) and the global feature the cls token or the mean patch token (``pooling``).
 
+``neck_bn`` (not official, off by default) puts a BatchNorm after both necks' hidden Linear, as MoCo v3's
+projector: the digits preset needs it (a small random ViT pools nearly the same feature for every image).
+
 Departures from the official code: no shuffle-BN (it needs several GPUs; a ViT has no BatchNorm and on one
 process the key encoder's BatchNorms use the key batch's statistics, the leakage shuffle-BN exists to prevent);
 the key encoder's BatchNorm running statistics are copied from the query encoder at each momentum update
@@ -47,7 +50,7 @@ from sslpt.engine.data.views import two_views
 from sslpt.engine.ema import EMATeacher
 from sslpt.engine.models.backbones import backbone_flops, build_backbone, pool_tokens
 from sslpt.engine.models.contrastive import ViewSettings
-from sslpt.engine.models.heads import mlp_flops
+from sslpt.engine.models.heads import mlp_flops, mlp_head
 from sslpt.engine.models.queue import FeatureQueue
 from sslpt.engine.models.resnet import ResNet
 from sslpt.engine.registry import register
@@ -66,6 +69,8 @@ class DenseCLSettings(ViewSettings):
     loss_lambda: float = 0.5        # weight of the dense loss
     lambda_warmup_steps: int = 0    # lambda = 0 before this step (micro-step) count; the paper: 10000
     pooling: Literal["cls", "mean"] = "mean"   # ViT only: global feature from the cls or the mean patch token
+    neck_bn: bool = False           # not official: BatchNorm after the necks' hidden Linear (MoCo v3's projector
+    #                                 layout; the dense head's statistics are over all B x S locations)
     view_crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     blur_prob: tuple[float, float] = (0.5, 0.5)
@@ -86,7 +91,9 @@ class DenseCLSettings(ViewSettings):
                 f" times the number of ranks: each step enqueues the keys of the whole global batch")
 
 
-def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+def _mlp(in_dim: int, hidden: int, out_dim: int, bn: bool) -> nn.Sequential:
+    if bn:
+        return mlp_head(in_dim, hidden, out_dim, num_layers=2, last_bn=False)
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
 
 
@@ -100,12 +107,13 @@ class DenseCLNet(nn.Module):
         self.img_size = model.img_size
         self.encoder = build_backbone(model)
         width = self.encoder.embed_dim
-        self.global_head = _mlp(width, settings.proj_hidden, settings.proj_dim)
-        self.dense_head = _mlp(width, settings.proj_hidden, settings.proj_dim)
+        self.global_head = _mlp(width, settings.proj_hidden, settings.proj_dim, settings.neck_bn)
+        self.dense_head = _mlp(width, settings.proj_hidden, settings.proj_dim, settings.neck_bn)
         for layer in self.global_head:   # the official neck re-initialises its Linear layers only, not the 1x1 convs
             if isinstance(layer, nn.Linear):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(layer.bias)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if isinstance(self.encoder, ResNet):
@@ -114,7 +122,8 @@ class DenseCLNet(nn.Module):
         else:
             tokens = self.encoder(imgs)
             locations, pooled = tokens[:, 1:], pool_tokens(tokens, self.pooling)
-        return locations, self.global_head(pooled), self.dense_head(locations)
+        dense = self.dense_head(locations.flatten(0, 1)).unflatten(0, locations.shape[:2])   # [B*S, C] for BN
+        return locations, self.global_head(pooled), dense
 
     def flops(self) -> float:
         """Forward FLOPs per view (the dense head at every location)."""
