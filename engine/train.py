@@ -182,6 +182,9 @@ class Trainer:
         # SyncBatchNorm where ranks train on GPUs together (it has no CPU kernel: on CPU each rank normalises
         # its own batch); students and teachers alike, as the official contrastive codes convert whole models
         objective = build_objective(cfg)
+        if t.batch_size < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
+            raise ConfigError(f"train.batch_size={t.batch_size}: the {cfg.objective.name} networks of this config "
+                              f"have BatchNorm layers, which need at least 2 images per device in training")
         self.objective = sync_batchnorm_if_distributed(objective, self.device.type == "cuda").to(self.device)
         self.model = parallelize(self.objective, t, self.dist)
         rebind_teachers(self.objective)   # the students' tensors may have been replaced (sharded, converted)

@@ -284,6 +284,15 @@ def test_unfit_settings_are_one_line_errors(tmp_path, capsys, extra, message):
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
+def test_batchnorm_with_one_image_per_device_is_one_line(tmp_path, capsys):
+    # BatchNorm cannot normalise a batch of one in training: torch's error would come from inside a forward
+    args = ["train.batch_size=1", "objective.densecl.queue_size=128", "train.epochs=1"]
+    assert main(["pretrain", "densecl_digits", "--quiet", "--run-dir", str(tmp_path / "run"),
+                 *[arg for item in args for arg in ("--set", item)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: train.batch_size=1: the densecl networks") and "BatchNorm" in err and "\n" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     assert cli_pretrain(tmp_path, "train.device=cuda") == 2
